@@ -1,0 +1,69 @@
+package broker
+
+import (
+	"time"
+
+	"go.uber.org/zap/zapcore"
+)
+
+// Decision values in the audit line.
+const (
+	AuditAllow  = "allow"
+	AuditDeny   = "deny"
+	AuditTunnel = "tunnel"
+)
+
+// Record is the canonical audit line: one per request, tunnel or database
+// session (DESIGN.md §8). It holds no credential value, only a fingerprint.
+type Record struct {
+	RequestID   string
+	Listener    string
+	Workload    Identity
+	Delegator   string
+	Protocol    string
+	Method      string
+	Host        string
+	Port        int
+	Path        string
+	Rule        string
+	Decision    string
+	CredName    string
+	CredKind    string
+	CredFP      string
+	CredExpires time.Time
+	Status      int
+	BytesIn     int64
+	BytesOut    int64
+	Duration    time.Duration
+	Error       string
+}
+
+// MarshalLogObject writes the record with the field names of DESIGN.md §8.
+func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	enc.AddString("request_id", r.RequestID)
+	enc.AddString("listener", r.Listener)
+	enc.AddString("workload.id", r.Workload.ID)
+	enc.AddString("workload.method", r.Workload.Method)
+	enc.AddString("delegator.sub", r.Delegator)
+	enc.AddString("protocol", r.Protocol)
+	enc.AddString("method", r.Method)
+	enc.AddString("host", r.Host)
+	enc.AddInt("port", r.Port)
+	enc.AddString("path", r.Path)
+	enc.AddString("rule", r.Rule)
+	enc.AddString("decision", r.Decision)
+	enc.AddString("credential.name", r.CredName)
+	enc.AddString("credential.kind", r.CredKind)
+	enc.AddString("credential.fingerprint", r.CredFP)
+	if !r.CredExpires.IsZero() {
+		enc.AddString("credential.expires", r.CredExpires.UTC().Format(time.RFC3339))
+	} else {
+		enc.AddString("credential.expires", "")
+	}
+	enc.AddInt("status", r.Status)
+	enc.AddInt64("bytes_in", r.BytesIn)
+	enc.AddInt64("bytes_out", r.BytesOut)
+	enc.AddFloat64("duration_ms", float64(r.Duration.Microseconds())/1000)
+	enc.AddString("error", r.Error)
+	return nil
+}

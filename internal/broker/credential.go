@@ -1,0 +1,112 @@
+package broker
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Well-known credential field names. Sources fill what they have; injectors
+// read what they need and fail closed when it is missing.
+const (
+	FieldToken    = "token"
+	FieldUsername = "username"
+	FieldPassword = "password"
+)
+
+// Credential is one fetched or minted credential, used for one request (or
+// one cached span) and then dropped.
+type Credential struct {
+	Name    string            // the config name of the credential
+	Kind    string            // the source type: static, vault_kv, aws_sts, ...
+	Fields  map[string]Secret // the values
+	Expires time.Time         // zero: no expiry known
+	Meta    map[string]string // non-secret audit details (a path, a lease id prefix)
+	// Release, when set, is called once the request or session that used the
+	// credential is done (for example to revoke a one-shot lease).
+	Release func(ctx context.Context)
+}
+
+// Field returns a named value and whether it is present and non-empty.
+func (c Credential) Field(name string) (Secret, bool) {
+	s, ok := c.Fields[name]
+	return s, ok && !s.IsZero()
+}
+
+// Expired reports whether the credential must no longer be used at now.
+func (c Credential) Expired(now time.Time) bool {
+	return !c.Expires.IsZero() && !now.Before(c.Expires)
+}
+
+// Grant is what a Source is asked to produce for a caller.
+type Grant struct {
+	Rule       string
+	Credential string
+	Target     Target
+	Params     map[string]string
+}
+
+// CacheKey binds a cached credential to the credential name, the caller and
+// the grant parameters, so one workload never receives another's credential.
+func (g Grant) CacheKey(id Identity) string {
+	var b strings.Builder
+	b.WriteString(g.Credential)
+	b.WriteByte(0)
+	b.WriteString(id.Key())
+	keys := make([]string, 0, len(g.Params))
+	for k := range g.Params {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		b.WriteByte(0)
+		b.WriteString(k)
+		b.WriteByte('=')
+		b.WriteString(g.Params[k])
+	}
+	return b.String()
+}
+
+// Source fetches or mints one credential. It does no caching of its own
+// (a decorator does) and never puts a value in an error.
+type Source interface {
+	Credential(ctx context.Context, id Identity, g Grant) (Credential, error)
+}
+
+// Fingerprinter names a credential in the audit log without revealing it: a
+// truncated HMAC under a key that lives only in this process.
+type Fingerprinter struct {
+	key []byte
+}
+
+// NewFingerprinter draws a fresh per-process key.
+func NewFingerprinter() *Fingerprinter {
+	k := make([]byte, 32)
+	_, _ = rand.Read(k) // crypto/rand.Read never fails on supported platforms
+	return &Fingerprinter{key: k}
+}
+
+// Fingerprint returns 16 hex characters identifying the credential's values.
+func (f *Fingerprinter) Fingerprint(c Credential) string {
+	if f == nil || len(c.Fields) == 0 {
+		return ""
+	}
+	names := make([]string, 0, len(c.Fields))
+	for n := range c.Fields {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	m := hmac.New(sha256.New, f.key)
+	for _, n := range names {
+		m.Write([]byte(n))
+		m.Write([]byte{0})
+		m.Write([]byte(c.Fields[n].Reveal()))
+		m.Write([]byte{0})
+	}
+	return hex.EncodeToString(m.Sum(nil)[:8])
+}

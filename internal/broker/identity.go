@@ -1,0 +1,80 @@
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"net/netip"
+)
+
+// Attestation methods, as rules see them in workload.method.
+const (
+	MethodSPIFFEX509 = "spiffe-x509"
+	MethodSPIFFEJWT  = "spiffe-jwt"
+	MethodOIDC       = "oidc"
+	MethodProcess    = "process"
+	MethodCIDR       = "cidr" // weak: network position only
+)
+
+// ErrNoEvidence means an attestor does not apply to this caller; the chain
+// tries the next one.
+var ErrNoEvidence = errors.New("attest: no evidence for this method")
+
+// ErrInvalidEvidence means evidence was presented and rejected; the chain
+// stops and the caller is denied. Attestors wrap it with the reason.
+var ErrInvalidEvidence = errors.New("attest: invalid evidence")
+
+// Identity is an attested caller. The zero Identity is unauthenticated.
+type Identity struct {
+	ID          string         // SPIFFE ID, token subject or configured name
+	Method      string         // one of the Method* constants
+	TrustDomain string         // SPIFFE trust domain or token issuer
+	Claims      map[string]any // verified token claims
+	Process     *ProcessInfo   // local peer, when known
+	Delegator   Delegator      // verified on-behalf-of user; zero when absent
+}
+
+// ProcessInfo describes the local process behind a connection.
+type ProcessInfo struct {
+	PID         int
+	UID, GID    int
+	Exe         string
+	SHA256      string
+	ContainerID string
+}
+
+// IsZero reports whether no attestor vouched for the caller.
+func (i Identity) IsZero() bool { return i.ID == "" || i.Method == "" }
+
+// Key identifies the caller for cache keys: two callers with different keys
+// never share a cached credential.
+func (i Identity) Key() string {
+	return i.Method + "\x00" + i.TrustDomain + "\x00" + i.ID + "\x00" + i.Delegator.Sub
+}
+
+// Delegator is a verified user on whose behalf the workload calls. The zero
+// value means none.
+type Delegator struct {
+	Sub    string
+	Claims map[string]any
+}
+
+// Evidence is what a listener knows about a caller before any rule runs.
+type Evidence struct {
+	Listener           string
+	Remote             netip.AddrPort
+	Local              netip.AddrPort
+	TLS                *tls.ConnectionState // client leg of a TLS listener, else nil
+	ProxyAuthorization Secret               // raw Proxy-Authorization header, if any
+	Conn               net.Conn             // for peer-credential lookups; may be nil
+}
+
+// Attestor proves who a caller is.
+//
+// It returns ErrNoEvidence when it does not apply, an error wrapping
+// ErrInvalidEvidence when evidence is present but rejected, and any other
+// error for an internal failure (which also denies).
+type Attestor interface {
+	Attest(ctx context.Context, ev Evidence) (Identity, error)
+}
