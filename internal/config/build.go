@@ -1,0 +1,412 @@
+package config
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.uber.org/zap"
+
+	"github.com/keygate/broker/internal/attest"
+	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/inject"
+	"github.com/keygate/broker/internal/intercept"
+	"github.com/keygate/broker/internal/intercept/ca"
+	"github.com/keygate/broker/internal/intercept/egress"
+	"github.com/keygate/broker/internal/rules"
+)
+
+// parseCache reads a credential's cache setting: "" or "none" (no caching)
+// or a duration.
+func parseCache(s string) (time.Duration, error) {
+	if s == "" || s == "none" {
+		return 0, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("cache must be none or a positive duration like 5m, not %q", s)
+	}
+	return d, nil
+}
+
+// Policy is the compiled rule set plus what explain needs to describe the
+// credentials it grants. Building it resolves no secret and contacts nothing.
+type Policy struct {
+	Rules *rules.Set
+	Kinds map[string]string // credential name -> source type
+}
+
+// Policy validates the file and compiles its rules and injectors.
+func (c *Config) Policy(clock broker.Clock) (*Policy, error) {
+	ps := c.validate()
+	set, rps := c.compileRules(clock)
+	ps = append(ps, rps...)
+	if len(ps) > 0 {
+		return nil, sortProblems(ps)
+	}
+	kinds := make(map[string]string, len(c.Credentials))
+	for n, cr := range c.Credentials {
+		kinds[n] = cr.Source
+	}
+	return &Policy{Rules: set, Kinds: kinds}, nil
+}
+
+func (c *Config) compileRules(clock broker.Clock) (*rules.Set, Problems) {
+	var ps Problems
+	specs := make([]rules.Spec, 0, len(c.Rules))
+	for i, r := range c.Rules {
+		s := rules.Spec{
+			Name:           r.Name,
+			Hosts:          r.Hosts,
+			Ports:          r.Ports,
+			When:           r.When,
+			WhenPos:        rules.Pos{File: c.Path, Line: c.line("rules", i, "when")},
+			Action:         r.Action,
+			AllowPlaintext: r.AllowPlaintext,
+			Pos:            rules.Pos{File: c.Path, Line: c.line("rules", i)},
+		}
+		if r.Inject != nil {
+			inj, err := buildInjector(r.Inject.As)
+			if err != nil {
+				ps = append(ps, c.problem(fmt.Sprintf("rule %q: %v", r.Name, err), "rules", i, "inject", "as"))
+			}
+			s.Inject = &broker.Injection{Credential: r.Inject.Credential, Injector: inj}
+		}
+		specs = append(specs, s)
+	}
+	set, errs := rules.Compile(specs, rules.Options{ConnectPorts: c.Egress.ConnectPorts, Clock: clock})
+	for _, err := range errs {
+		var ce *rules.CompileError
+		if errors.As(err, &ce) {
+			ps = append(ps, Problem{File: c.Path, Line: ce.Pos.Line, Msg: strings.TrimPrefix(ce.Error(), fmt.Sprintf("%s:%d: ", ce.Pos.File, ce.Pos.Line))})
+		} else {
+			ps = append(ps, Problem{File: c.Path, Msg: err.Error()})
+		}
+	}
+	return set, ps
+}
+
+func buildInjector(as InjectAs) (broker.Injector, error) {
+	switch as.Kind {
+	case "bearer":
+		return inject.Bearer(), nil
+	case "basic":
+		return inject.Basic(), nil
+	case "header":
+		return inject.Header(as.Header.Name, as.Header.Format)
+	case "query":
+		return inject.Query(as.Query.Name)
+	case "sigv4":
+		return nil, errors.New("inject.as sigv4 " + notInThisBuild)
+	case "":
+		return nil, errors.New("inject.as is required (bearer, basic, {header: {name, format}} or {query: {name}})")
+	}
+	return nil, fmt.Errorf("inject.as: unknown injector %q (want bearer, basic, header or query)", as.Kind)
+}
+
+func sortProblems(ps Problems) Problems {
+	sort.SliceStable(ps, func(i, j int) bool { return ps[i].Line < ps[j].Line })
+	return ps
+}
+
+// BuildOptions are the process-level inputs the file does not hold.
+type BuildOptions struct {
+	Logger *zap.Logger
+	Clock  broker.Clock
+	// DryRun builds everything (CA, secrets, rules) but opens no listener,
+	// writes no file and starts nothing: `broker validate`.
+	DryRun bool
+}
+
+// Runtime is a built broker, ready to Run.
+type Runtime struct {
+	Proxy      *intercept.Proxy
+	Registry   *prometheus.Registry
+	ProxyAddr  net.Addr
+	AdminAddr  net.Addr // nil when no admin listener
+	CACertPath string   // where clients find the CA (ephemeral cert_out or ca.cert)
+	DemoURL    string   // the demo echo upstream, when enabled
+
+	log       *zap.Logger
+	proxyLn   net.Listener
+	adminLn   net.Listener
+	admin     *http.Server
+	demo      *demoServer
+	readyFlag func() bool
+}
+
+// Build validates the file and composes the broker. On error nothing is
+// left open.
+func (c *Config) Build(o BuildOptions) (rt *Runtime, err error) {
+	if o.Logger == nil {
+		return nil, errors.New("config: no logger")
+	}
+	if o.Clock == nil {
+		o.Clock = broker.SystemClock{}
+	}
+	if ps := c.validate(); len(ps) > 0 {
+		return nil, sortProblems(ps)
+	}
+	rt = &Runtime{Registry: prometheus.NewRegistry(), log: o.Logger}
+	defer func() {
+		if err != nil {
+			rt.closeListeners()
+		}
+	}()
+	rt.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := intercept.NewMetrics(rt.Registry)
+	credMetrics := inject.NewMetrics(rt.Registry)
+
+	var ps Problems
+	authority, err := c.loadCA(o)
+	if err != nil {
+		ps = append(ps, c.problem(err.Error(), "ca"))
+	}
+	if authority != nil {
+		rt.CACertPath = c.resolvePath(c.CA.CertOut)
+		if !c.CA.Ephemeral {
+			rt.CACertPath = c.resolvePath(c.CA.Cert)
+		}
+	}
+
+	// The demo must exist before secrets resolve: it writes the demo token.
+	if c.Demo != nil && !o.DryRun && authority != nil {
+		rt.demo, err = startDemo(c.Demo.Echo, c.Dir, authority, o.Logger.Named("demo"))
+		if err != nil {
+			ps = append(ps, c.problem(err.Error(), "demo", "echo"))
+		} else {
+			rt.DemoURL = rt.demo.url
+		}
+	}
+
+	sources, sps := c.buildSources(o.Clock, credMetrics)
+	ps = append(ps, sps...)
+	set, rps := c.compileRules(o.Clock)
+	ps = append(ps, rps...)
+	chain, aps := c.buildAttestors(metrics)
+	ps = append(ps, aps...)
+	roots, err := c.upstreamRoots(authority)
+	if err != nil {
+		ps = append(ps, c.problem(err.Error(), "egress", "ca_bundle"))
+	}
+	if len(ps) > 0 {
+		return nil, sortProblems(ps)
+	}
+	if o.DryRun {
+		return rt, nil
+	}
+
+	if rt.proxyLn, err = net.Listen("tcp", c.Listen.Proxy); err != nil {
+		return nil, Problems{c.problem(fmt.Sprintf("listen.proxy: %v", err), "listen", "proxy")}
+	}
+	rt.ProxyAddr = rt.proxyLn.Addr()
+	self := []netip.AddrPort{addrPort(rt.proxyLn.Addr())}
+	if c.Listen.Admin != "" {
+		if rt.adminLn, err = net.Listen("tcp", c.Listen.Admin); err != nil {
+			return nil, Problems{c.problem(fmt.Sprintf("listen.admin: %v", err), "listen", "admin")}
+		}
+		rt.AdminAddr = rt.adminLn.Addr()
+		self = append(self, addrPort(rt.adminLn.Addr()))
+	}
+
+	dialer := egress.New(egress.Options{
+		DenyPrivate: c.Egress.DenyPrivate == nil || *c.Egress.DenyPrivate,
+		AllowCIDRs:  mustPrefixes(c.Egress.AllowCIDRs),
+		SelfAddrs:   self,
+	})
+	leaves := authority.Leaves(ca.LeafOptions{
+		Lifetime:   time.Duration(c.CA.LeafLifetime),
+		MaxEntries: c.CA.LeafCacheSize,
+		Clock:      o.Clock,
+		OnMint:     metrics.LeafCache.WithLabelValues("mint").Inc,
+		OnHit:      metrics.LeafCache.WithLabelValues("hit").Inc,
+	})
+	pipe := &broker.Pipeline{Attestor: chain, Policy: set, Sources: sources, Clock: o.Clock}
+	rt.Proxy, err = intercept.New(intercept.Options{
+		Listener:      "proxy",
+		Pipeline:      pipe,
+		Dialer:        dialer,
+		Leaves:        leaves,
+		UpstreamRoots: roots,
+		Fingerprints:  broker.NewFingerprinter(),
+		Logger:        o.Logger.Named("proxy"),
+		Metrics:       metrics,
+		Limits: intercept.Limits{
+			ReadHeaderTimeout: time.Duration(c.Limits.ReadHeaderTimeout),
+			IdleTimeout:       time.Duration(c.Limits.IdleTimeout),
+			HandshakeTimeout:  time.Duration(c.Limits.HandshakeTimeout),
+			UpstreamTimeout:   time.Duration(c.Limits.UpstreamTimeout),
+			MaxHeaderBytes:    c.Limits.MaxHeaderBytes,
+		},
+		Clock: o.Clock,
+	})
+	if err != nil {
+		return nil, err
+	}
+	rt.readyFlag = func() bool { return true } // everything is loaded before Build returns
+	return rt, nil
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}
+
+func mustPrefixes(ss []string) []netip.Prefix {
+	out := make([]netip.Prefix, 0, len(ss))
+	for _, s := range ss {
+		if p, err := netip.ParsePrefix(s); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func (c *Config) loadCA(o BuildOptions) (*ca.CA, error) {
+	if c.CA.Ephemeral {
+		out := c.resolvePath(c.CA.CertOut)
+		if o.DryRun {
+			out = ""
+		}
+		return ca.Ephemeral(out, o.Clock)
+	}
+	return ca.Load(c.resolvePath(c.CA.Cert), c.resolvePath(c.CA.Key))
+}
+
+// upstreamRoots is the system pool plus egress.ca_bundle, plus the broker's
+// own CA when the demo upstream (whose leaf it signs) is enabled.
+func (c *Config) upstreamRoots(authority *ca.CA) (*x509.CertPool, error) {
+	if c.Egress.CABundle == "" && c.Demo == nil {
+		return nil, nil
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil {
+		pool = x509.NewCertPool()
+	}
+	if c.Egress.CABundle != "" {
+		pem, err := os.ReadFile(c.resolvePath(c.Egress.CABundle))
+		if err != nil {
+			return nil, fmt.Errorf("egress.ca_bundle: %w", err)
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("egress.ca_bundle: %s holds no PEM certificate", c.Egress.CABundle)
+		}
+	}
+	if c.Demo != nil && authority != nil {
+		pool.AddCert(authority.Certificate())
+	}
+	return pool, nil
+}
+
+func (c *Config) buildSources(clock broker.Clock, m *inject.Metrics) (map[string]broker.Source, Problems) {
+	var ps Problems
+	out := make(map[string]broker.Source, len(c.Credentials))
+	for name, cr := range c.Credentials {
+		fields := map[string]broker.Secret{}
+		resolve := func(field, ref string, path ...any) {
+			s, err := inject.ResolveRef(c.resolveRef(ref))
+			if err != nil {
+				ps = append(ps, c.problem(fmt.Sprintf("credential %q: %v", name, err), append([]any{"credentials", name}, path...)...))
+				return
+			}
+			fields[field] = s
+		}
+		if cr.Value != "" {
+			resolve(broker.FieldToken, cr.Value, "value")
+		}
+		for k, v := range cr.Values {
+			resolve(k, v, "values", k)
+		}
+		ttl, _ := parseCache(cr.Cache)
+		out[name] = inject.NewCache(name, inject.NewStatic(name, fields), inject.CacheOptions{TTL: ttl, Clock: clock, Metrics: m})
+	}
+	return out, ps
+}
+
+// resolveRef makes file: references config-relative.
+func (c *Config) resolveRef(ref string) string {
+	if p, ok := strings.CutPrefix(ref, "file:"); ok {
+		return "file:" + c.resolvePath(p)
+	}
+	return ref
+}
+
+func (c *Config) buildAttestors(m *intercept.Metrics) (broker.Attestor, Problems) {
+	var ps Problems
+	var named []attest.Named
+	for i, a := range c.Attestors {
+		if a.Type != "cidr" {
+			continue // validate reported it
+		}
+		entries := make([]attest.CIDREntry, 0, len(a.Identities))
+		for _, id := range a.Identities {
+			entries = append(entries, attest.CIDREntry{ID: id.ID, CIDRs: mustPrefixes(id.CIDRs)})
+		}
+		cidr, err := attest.NewCIDR(entries)
+		if err != nil {
+			ps = append(ps, c.problem(err.Error(), "attestors", i))
+			continue
+		}
+		name := a.Name
+		if name == "" {
+			name = a.Type
+		}
+		named = append(named, attest.Named{Name: name, Attestor: cidr})
+	}
+	return attest.NewChain(func(method string) { m.AttestFailures.WithLabelValues(method).Inc() }, named...), ps
+}
+
+// Run serves until ctx ends, then shuts down gracefully.
+func (rt *Runtime) Run(ctx context.Context) error {
+	errc := make(chan error, 3)
+	go func() { errc <- rt.Proxy.Serve(rt.proxyLn) }()
+	if rt.adminLn != nil {
+		rt.admin = &http.Server{
+			Handler:           intercept.AdminHandler(rt.Registry, rt.readyFlag),
+			ReadHeaderTimeout: 5 * time.Second,
+		}
+		go func() {
+			if err := rt.admin.Serve(rt.adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("config: admin: %w", err)
+			}
+		}()
+	}
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if rt.admin != nil {
+		_ = rt.admin.Shutdown(sctx)
+	}
+	if serr := rt.Proxy.Shutdown(sctx); err == nil && serr != nil && !errors.Is(serr, context.DeadlineExceeded) {
+		err = serr
+	}
+	if rt.demo != nil {
+		rt.demo.close()
+	}
+	return err
+}
+
+func (rt *Runtime) closeListeners() {
+	for _, ln := range []net.Listener{rt.proxyLn, rt.adminLn} {
+		if ln != nil {
+			_ = ln.Close()
+		}
+	}
+	if rt.demo != nil {
+		rt.demo.close()
+	}
+}

@@ -1,0 +1,207 @@
+package config
+
+import (
+	"fmt"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// File is the whole configuration (DESIGN.md §5). Every key is documented in
+// docs/configuration.md.
+type File struct {
+	Listen      Listen                `yaml:"listen"`
+	CA          CA                    `yaml:"ca"`
+	Attestors   []Attestor            `yaml:"attestors"`
+	Delegation  *Delegation           `yaml:"delegation"`
+	Egress      Egress                `yaml:"egress"`
+	Vaults      map[string]any        `yaml:"vaults"`
+	Credentials map[string]Credential `yaml:"credentials"`
+	Rules       []Rule                `yaml:"rules"`
+	Databases   []map[string]any      `yaml:"databases"`
+	Limits      Limits                `yaml:"limits"`
+	Demo        *Demo                 `yaml:"demo"`
+}
+
+// Listen holds the listener addresses.
+type Listen struct {
+	Proxy       string `yaml:"proxy"`
+	ProxyTLS    string `yaml:"proxy_tls"`
+	Transparent string `yaml:"transparent"`
+	Admin       string `yaml:"admin"`
+}
+
+// CA is the MITM certificate authority: files, or an ephemeral one.
+type CA struct {
+	Cert          string   `yaml:"cert"`
+	Key           string   `yaml:"key"`
+	Ephemeral     bool     `yaml:"ephemeral"`
+	CertOut       string   `yaml:"cert_out"`
+	LeafLifetime  Duration `yaml:"leaf_lifetime"`
+	LeafCacheSize int      `yaml:"leaf_cache_size"`
+}
+
+// Attestor is one entry of the ordered attestor chain.
+type Attestor struct {
+	Type        string         `yaml:"type"`
+	Name        string         `yaml:"name"`
+	TrustDomain string         `yaml:"trust_domain"`
+	Bundle      string         `yaml:"bundle"`
+	Issuer      string         `yaml:"issuer"`
+	Audiences   []string       `yaml:"audiences"`
+	Identities  []CIDRIdentity `yaml:"identities"`
+}
+
+// CIDRIdentity names a set of source ranges.
+type CIDRIdentity struct {
+	ID    string   `yaml:"id"`
+	CIDRs []string `yaml:"cidrs"`
+}
+
+// Delegation configures verified on-behalf-of user tokens.
+type Delegation struct {
+	Header  string `yaml:"header"`
+	Issuers []any  `yaml:"issuers"`
+}
+
+// Egress is the SSRF guard and upstream trust.
+type Egress struct {
+	DenyPrivate  *bool    `yaml:"deny_private"`
+	AllowCIDRs   []string `yaml:"allow_cidrs"`
+	ConnectPorts []int    `yaml:"connect_ports"`
+	CABundle     string   `yaml:"ca_bundle"`
+}
+
+// Credential is a named credential source.
+type Credential struct {
+	Source   string            `yaml:"source"`
+	Value    string            `yaml:"value"`
+	Values   map[string]string `yaml:"values"`
+	Cache    string            `yaml:"cache"`
+	Vault    string            `yaml:"vault"`
+	Path     string            `yaml:"path"`
+	Field    string            `yaml:"field"`
+	RoleARN  string            `yaml:"role_arn"`
+	Duration string            `yaml:"duration"`
+}
+
+// Rule is one ordered policy rule.
+type Rule struct {
+	Name           string   `yaml:"name"`
+	Hosts          []string `yaml:"hosts"`
+	Ports          []int    `yaml:"ports"`
+	When           string   `yaml:"when"`
+	Action         string   `yaml:"action"`
+	Inject         *Inject  `yaml:"inject"`
+	AllowPlaintext bool     `yaml:"allow_plaintext"`
+}
+
+// Inject names the credential and how it is written.
+type Inject struct {
+	Credential string   `yaml:"credential"`
+	As         InjectAs `yaml:"as"`
+}
+
+// InjectAs is "bearer" | "basic" | "sigv4" | {header: {name, format}} |
+// {query: {name}}.
+type InjectAs struct {
+	Kind   string
+	Header *HeaderAs
+	Query  *QueryAs
+	line   int
+}
+
+// HeaderAs writes a named header from a format.
+type HeaderAs struct {
+	Name   string `yaml:"name"`
+	Format string `yaml:"format"`
+}
+
+// QueryAs writes a query parameter.
+type QueryAs struct {
+	Name string `yaml:"name"`
+}
+
+// UnmarshalYAML accepts the scalar and mapping forms, strictly.
+func (a *InjectAs) UnmarshalYAML(n *yaml.Node) error {
+	a.line = n.Line
+	switch n.Kind {
+	case yaml.ScalarNode:
+		a.Kind = n.Value
+		return nil
+	case yaml.MappingNode:
+		if len(n.Content) != 2 {
+			return typeErr("line %d: inject.as takes exactly one of header, query", n.Line)
+		}
+		key, val := n.Content[0], n.Content[1]
+		switch key.Value {
+		case "header":
+			a.Kind, a.Header = "header", &HeaderAs{}
+			return decodeStrict(val, a.Header)
+		case "query":
+			a.Kind, a.Query = "query", &QueryAs{}
+			return decodeStrict(val, a.Query)
+		}
+		return typeErr("line %d: inject.as: unknown form %q (want bearer, basic, header or query)", key.Line, key.Value)
+	}
+	return typeErr("line %d: inject.as must be a name or a mapping", n.Line)
+}
+
+// decodeStrict decodes a sub-node rejecting unknown keys, which
+// yaml.Node.Decode alone does not do.
+func decodeStrict(n *yaml.Node, out any) error {
+	for i := 0; n.Kind == yaml.MappingNode && i+1 < len(n.Content); i += 2 {
+		if err := knownKey(out, n.Content[i].Value); err != nil {
+			return typeErr("line %d: %v", n.Content[i].Line, err)
+		}
+	}
+	return n.Decode(out)
+}
+
+func knownKey(out any, key string) error {
+	var ok bool
+	switch out.(type) {
+	case *HeaderAs:
+		ok = key == "name" || key == "format"
+	case *QueryAs:
+		ok = key == "name"
+	}
+	if !ok {
+		return fmt.Errorf("unknown key %q", key)
+	}
+	return nil
+}
+
+// Limits bound what one workload connection can cost.
+type Limits struct {
+	ReadHeaderTimeout Duration `yaml:"read_header_timeout"`
+	IdleTimeout       Duration `yaml:"idle_timeout"`
+	HandshakeTimeout  Duration `yaml:"handshake_timeout"`
+	UpstreamTimeout   Duration `yaml:"upstream_timeout"`
+	MaxHeaderBytes    int      `yaml:"max_header_bytes"`
+}
+
+// Demo runs a built-in HTTPS echo upstream for trying keygate. Never enable
+// it in production.
+type Demo struct {
+	Echo string `yaml:"echo"`
+}
+
+// Duration is a time.Duration written as "90s", "5m".
+type Duration time.Duration
+
+// UnmarshalYAML parses a Go duration string.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil || v < 0 {
+		return typeErr("line %d: %q is not a duration (like 30s or 5m)", n.Line, n.Value)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// typeErr reports a problem the way yaml.v3 collects them, so decoding goes
+// on and every problem in the file is reported, not just the first.
+func typeErr(format string, args ...any) error {
+	return &yaml.TypeError{Errors: []string{fmt.Sprintf(format, args...)}}
+}

@@ -1,0 +1,176 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+
+	"github.com/keygate/broker/internal/inject"
+)
+
+// notInThisBuild explains a key that the contract names but this build
+// cannot serve yet; refusing is safer than ignoring it.
+const notInThisBuild = "is not supported by this build of keygate yet"
+
+// validate checks what can be checked without building anything.
+func (c *Config) validate() Problems {
+	var ps Problems
+	add := func(msg string, path ...any) { ps = append(ps, c.problem(msg, path...)) }
+
+	if c.Listen.Proxy == "" {
+		add("listen.proxy is required (for example 127.0.0.1:15080)", "listen")
+	} else if err := checkListenAddr(c.Listen.Proxy); err != nil {
+		add("listen.proxy: "+err.Error(), "listen", "proxy")
+	}
+	if c.Listen.Admin != "" {
+		if err := checkListenAddr(c.Listen.Admin); err != nil {
+			add("listen.admin: "+err.Error(), "listen", "admin")
+		}
+	}
+	if c.Listen.ProxyTLS != "" {
+		add("listen.proxy_tls "+notInThisBuild, "listen", "proxy_tls")
+	}
+	if c.Listen.Transparent != "" {
+		add("listen.transparent "+notInThisBuild, "listen", "transparent")
+	}
+
+	switch {
+	case c.CA.Ephemeral && (c.CA.Cert != "" || c.CA.Key != ""):
+		add("ca: set either ephemeral or cert and key, not both", "ca")
+	case !c.CA.Ephemeral && (c.CA.Cert == "" || c.CA.Key == ""):
+		add("ca: cert and key are required (or ephemeral: true)", "ca")
+	case !c.CA.Ephemeral && c.CA.CertOut != "":
+		add("ca.cert_out only applies to an ephemeral CA", "ca", "cert_out")
+	}
+	if c.CA.LeafCacheSize < 0 {
+		add("ca.leaf_cache_size must not be negative", "ca", "leaf_cache_size")
+	}
+
+	if len(c.Attestors) == 0 {
+		add("attestors: at least one attestor is required; without one every caller is refused", "attestors")
+	}
+	for i, a := range c.Attestors {
+		switch a.Type {
+		case "cidr":
+			if len(a.Identities) == 0 {
+				add("attestors: cidr needs identities", "attestors", i)
+			}
+			for j, id := range a.Identities {
+				if id.ID == "" {
+					add("attestors: cidr identity needs an id", "attestors", i, "identities", j)
+				}
+				for k, s := range id.CIDRs {
+					if _, err := netip.ParsePrefix(s); err != nil {
+						add(fmt.Sprintf("attestors: %q is not a CIDR prefix", s), "attestors", i, "identities", j, "cidrs", k)
+					}
+				}
+			}
+		case "spiffe", "oidc", "process":
+			add(fmt.Sprintf("attestor type %q %s", a.Type, notInThisBuild), "attestors", i, "type")
+		case "":
+			add("attestors: type is required", "attestors", i)
+		default:
+			add(fmt.Sprintf("attestors: unknown type %q (want spiffe, oidc, process or cidr)", a.Type), "attestors", i, "type")
+		}
+	}
+	if c.Delegation != nil {
+		add("delegation "+notInThisBuild, "delegation")
+	}
+	if len(c.Vaults) > 0 {
+		add("vaults "+notInThisBuild, "vaults")
+	}
+	if len(c.Databases) > 0 {
+		add("databases "+notInThisBuild, "databases")
+	}
+
+	for i, s := range c.Egress.AllowCIDRs {
+		if _, err := netip.ParsePrefix(s); err != nil {
+			add(fmt.Sprintf("egress.allow_cidrs: %q is not a CIDR prefix", s), "egress", "allow_cidrs", i)
+		}
+	}
+	for i, p := range c.Egress.ConnectPorts {
+		if p < 1 || p > 65535 {
+			add(fmt.Sprintf("egress.connect_ports: %d is not a port", p), "egress", "connect_ports", i)
+		}
+	}
+	if c.Limits.MaxHeaderBytes < 0 {
+		add("limits.max_header_bytes must not be negative", "limits", "max_header_bytes")
+	}
+
+	for name, cr := range c.Credentials {
+		ps = append(ps, c.validateCredential(name, cr)...)
+	}
+	for i, r := range c.Rules {
+		if r.Inject == nil {
+			continue
+		}
+		if r.Inject.Credential == "" {
+			add(fmt.Sprintf("rule %q: inject.credential is required", r.Name), "rules", i, "inject")
+		} else if _, ok := c.Credentials[r.Inject.Credential]; !ok {
+			add(fmt.Sprintf("rule %q: credential %q is not defined under credentials", r.Name, r.Inject.Credential), "rules", i, "inject", "credential")
+		}
+	}
+	if c.Demo != nil {
+		if err := checkListenAddr(c.Demo.Echo); err != nil {
+			add("demo.echo: "+err.Error(), "demo", "echo")
+		}
+	}
+	return ps
+}
+
+func (c *Config) validateCredential(name string, cr Credential) Problems {
+	var ps Problems
+	add := func(msg string, path ...any) {
+		ps = append(ps, c.problem(fmt.Sprintf("credential %q: %s", name, msg), append([]any{"credentials", name}, path...)...))
+	}
+	switch cr.Source {
+	case "static":
+		if (cr.Value == "") == (len(cr.Values) == 0) {
+			add("static needs exactly one of value or values")
+		}
+		if cr.Value != "" {
+			if err := inject.ValidateRef(cr.Value); err != nil {
+				add(refHint(err), "value")
+			}
+		}
+		for k, v := range cr.Values {
+			if err := inject.ValidateRef(v); err != nil {
+				add(fmt.Sprintf("values.%s: %s", k, refHint(err)), "values", k)
+			}
+		}
+		if cr.Vault != "" || cr.Path != "" || cr.Field != "" || cr.RoleARN != "" || cr.Duration != "" {
+			add("static takes only value, values and cache")
+		}
+	case "vault_kv", "vault_dynamic", "aws_sts", "oauth2", "github_app":
+		add(fmt.Sprintf("source %q %s", cr.Source, notInThisBuild), "source")
+	case "":
+		add("source is required")
+	default:
+		add(fmt.Sprintf("unknown source %q", cr.Source), "source")
+	}
+	if _, err := parseCache(cr.Cache); err != nil {
+		add(err.Error(), "cache")
+	}
+	return ps
+}
+
+func refHint(err error) string {
+	return strings.TrimPrefix(err.Error(), "inject: ") + " (secrets are written as env:NAME or file:PATH)"
+}
+
+func checkListenAddr(a string) error {
+	host, port, err := net.SplitHostPort(a)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port", a)
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil && host != "localhost" {
+			return fmt.Errorf("%q: listen on an IP address", a)
+		}
+	}
+	if _, err := net.LookupPort("tcp", port); err != nil {
+		return fmt.Errorf("%q: bad port", a)
+	}
+	return nil
+}

@@ -1,0 +1,77 @@
+// Package inject turns config into credentials and writes them into
+// requests: secret references (ResolveRef), credential sources (NewStatic;
+// vault_kv, vault_dynamic, aws_sts, oauth2 and github_app follow the same
+// broker.Source contract), the caching decorator (NewCache) and the
+// injectors (Bearer, Basic, Header, Query).
+//
+// # Security contract
+//
+// Values never leak. Credential values travel as broker.Secret and are
+// revealed only inside an injector, at the moment they are written. No
+// error, metric label or panic message of this package contains a value:
+// errors name the credential, the field, the env variable or the file path
+// and the reason. A reference that is neither env: nor file: is not echoed
+// (it may be a secret pasted in by mistake). A source panic is reported
+// without its panic value.
+//
+// References. Secrets appear in config only as "env:NAME" (set and
+// non-empty) or "file:PATH" (at most 1 MiB, non-empty). From a file exactly
+// one trailing "\n" or "\r\n" is stripped and nothing else, so a file
+// ending in two newlines yields a value ending in one, which every injector
+// rejects. ResolveRef itself accepts control characters because some
+// sources need multi-line secrets (PEM keys); ValidateRef checks syntax only
+// and does no I/O.
+//
+// Injection replaces, never appends. Every injector validates first and
+// changes nothing on error; then it deletes every variant of the slot it
+// owns and sets exactly one value:
+//   - Bearer and Basic own Authorization; Header owns its header name. All
+//     keys equal to the name under strings.EqualFold are deleted with all
+//     their values, including non-canonical keys stored as sent (goproxy
+//     PreventCanonicalization) and keys written into the map directly. The
+//     value is set under the canonical name.
+//   - Query owns its parameter name, case-sensitively (HTTP query names
+//     are): every pair whose percent-decoded key equals the name is
+//     removed, and so is an '&' segment holding it after a ';'. Other pairs
+//     keep their bytes and order; the injected pair is appended.
+//   - An injector owns nothing else. Proxy-Authorization, hop-by-hop
+//     headers, headers named in Connection, request trailers and internal
+//     headers are stripped by package intercept before injection (T-B5).
+//
+// Values are checked before they are written (CheckValue, T-B6): no ASCII
+// control character except tab (so no CR, LF, NUL or DEL) in any field or
+// in the formatted result, at most MaxValueLen (8 KiB) after formatting, and
+// a missing or empty field is an error. Basic refuses a username with ':'.
+// Header refuses hop-by-hop, framing, Host, Proxy-* and X-Keygate-* /
+// X-Broker-* names and formats without a {{field}} placeholder.
+//
+// The cache never crosses callers (T-B7). Its key is an injective
+// (length-prefixed) encoding of the credential name, the rule, the
+// identity's method, trust domain, ID and delegator, and every grant
+// parameter, plus broker.Grant.CacheKey. The target host is not part of the
+// key: the rule already bounds where a credential may go, and a source
+// whose output depends on the target must receive it through Grant.Params.
+//
+// The cache never serves a stale or failed credential. An entry lives
+// min(TTL, Expires-Margin) and is checked against the Clock on every hit.
+// A credential the source returns already expired is an error (and is
+// released). A fresh credential already inside its margin is handed to the
+// callers that waited for it but not stored. Errors are never cached.
+// Credentials with a Release function (one-shot leases) are never cached
+// or shared: exactly one caller receives each, and a lease whose caller has
+// gone is released at once.
+//
+// Concurrent misses for one key make one source call (singleflight). That
+// call runs on context.WithoutCancel of the first caller's context, bounded
+// by CacheOptions.FetchTimeout (default 30s), so a caller that gives up
+// returns at once with its own context error without failing the others.
+// Every caller receives its own copy of Fields and Meta.
+//
+// Metrics (DESIGN.md §8): keygate_credential_fetches_total{credential,
+// result} counts each call of a Source built by NewCache once: "ok" when
+// that call reached the source and succeeded, "cache_hit" when it was served
+// from the cache or from another caller's in-flight fetch, "error" when it
+// failed (source error, expired credential, or the caller's context ended).
+// keygate_credential_fetch_duration_seconds{credential} times the source
+// calls only.
+package inject

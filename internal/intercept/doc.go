@@ -1,0 +1,31 @@
+// Package intercept is everything between a workload's socket and the
+// upstream: the explicit proxy listener (absolute-form http:// and CONNECT,
+// on goproxy), TLS interception under the broker CA, the upstream transport,
+// the error-to-status table, the canonical audit line and the admin
+// endpoints. goproxy types never leave this package.
+//
+// Security contract:
+//   - Every request is attested and decided before anything is dialled; the
+//     zero Decision denies. A CONNECT is decided on host:port and identity;
+//     every request inside an intercepted tunnel is decided again.
+//   - Destination binding: inside a tunnel the TLS SNI, the Host header and
+//     an absolute-form URL must all name the CONNECT authority after
+//     normalisation (NormalizeHost), else 421 and nothing is forwarded.
+//   - Only a completed TLS handshake on the workload leg makes a request
+//     https; plaintext inside a CONNECT tunnel is refused, and a credential is
+//     injected into plain http:// only when the rule says allow_plaintext.
+//   - One egress path (package egress) dials for tunnels and for upstream
+//     requests; the transport never reads HTTP(S)_PROXY, always verifies
+//     upstream TLS, and never follows redirects.
+//   - Leaves are minted only after a rule allowed the host.
+//   - Hop-by-hop headers, Proxy-Authorization and keygate's own headers are
+//     stripped before injection; the injector owns its slot exclusively.
+//   - A panic while handling one request yields a 500 to that client only.
+//     Header size limits and read-header timeouts apply inside tunnels too,
+//     because each tunnel is served by its own net/http server.
+//   - Nothing the workload or an upstream sends, and no credential value, is
+//     copied into a log line verbatim except the request line's host, port
+//     and path (never the query).
+//
+// Inside interception the broker speaks HTTP/1.1 only (ALPN http/1.1).
+package intercept

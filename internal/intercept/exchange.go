@@ -1,0 +1,207 @@
+package intercept
+
+import (
+	"bufio"
+	"context"
+	"encoding/base64"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/keygate/broker/internal/broker"
+)
+
+// exchange is one audited unit: a request, a CONNECT, or a tunnel. It is
+// owned by one goroutine at a time (the handler, then goproxy's callbacks
+// on the same goroutine), so it needs no lock.
+type exchange struct {
+	rec      broker.Record
+	start    time.Time
+	identity broker.Identity
+	cred     broker.Credential
+	err      *broker.Error
+}
+
+type exchangeKey struct{}
+
+func withExchange(ctx context.Context, x *exchange) context.Context {
+	return context.WithValue(ctx, exchangeKey{}, x)
+}
+
+func exchangeFrom(ctx context.Context) *exchange {
+	x, _ := ctx.Value(exchangeKey{}).(*exchange)
+	return x
+}
+
+func (p *Proxy) newExchange(listener string) *exchange {
+	return &exchange{start: p.opts.Clock.Now(), rec: broker.Record{RequestID: newRequestID(), Listener: listener}}
+}
+
+func (x *exchange) setIdentity(id broker.Identity) {
+	x.identity = id
+	x.rec.Workload = id
+	x.rec.Delegator = id.Delegator.Sub
+}
+
+// fail records err as the outcome. The first error wins: later ones are
+// consequences.
+func (x *exchange) fail(err error) *broker.Error {
+	be := broker.AsError(err)
+	if x.err == nil {
+		x.err = be
+		x.rec.Status = be.Status()
+		if x.rec.Rule == "" {
+			x.rec.Rule = be.Rule
+		}
+	}
+	return be
+}
+
+func (p *Proxy) setCredential(x *exchange, c broker.Credential) {
+	x.cred = c
+	x.rec.CredName = c.Name
+	x.rec.CredKind = c.Kind
+	x.rec.CredFP = p.opts.Fingerprints.Fingerprint(c)
+	x.rec.CredExpires = c.Expires
+}
+
+// finish releases the credential and writes the one audit line.
+func (p *Proxy) finish(x *exchange) {
+	if x.cred.Release != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		x.cred.Release(ctx)
+		cancel()
+	}
+	x.rec.Duration = p.opts.Clock.Now().Sub(x.start)
+	if x.err != nil {
+		x.rec.Error = scrub(x.err.Code+": "+x.err.Message+causeSuffix(x.err), x.cred)
+		if x.rec.Decision == "" {
+			x.rec.Decision = broker.AuditDeny
+		}
+	}
+	if x.rec.Decision == "" {
+		x.rec.Decision = broker.AuditDeny
+	}
+	p.log.Info("decision", zap.Inline(&x.rec))
+	if m := p.opts.Metrics; m != nil {
+		m.Requests.WithLabelValues(x.rec.Decision, x.rec.Rule).Inc()
+		m.Duration.Observe(x.rec.Duration.Seconds())
+	}
+}
+
+func causeSuffix(e *broker.Error) string {
+	if e.Err == nil {
+		return ""
+	}
+	return " (" + e.Err.Error() + ")"
+}
+
+// scrub removes a credential's values, and their common encodings, from a
+// string bound for the log. Causes come from transports and sources that do
+// not know what is secret, so the log line is cleaned at the last step.
+func scrub(s string, c broker.Credential) string {
+	for _, v := range c.Fields {
+		raw := v.Reveal()
+		if len(raw) < 4 {
+			continue
+		}
+		for _, form := range []string{raw, url.QueryEscape(raw), base64.StdEncoding.EncodeToString([]byte(raw))} {
+			s = strings.ReplaceAll(s, form, "REDACTED")
+		}
+	}
+	return s
+}
+
+// recoverPanic contains a panic to the one exchange: the workload gets a 500
+// if nothing was written yet, the log gets the stack but never the panic
+// value (it could be anything, including a credential).
+func (p *Proxy) recoverPanic(w *statusWriter, x *exchange) {
+	v := recover()
+	if v == nil {
+		return
+	}
+	if v == http.ErrAbortHandler {
+		panic(v)
+	}
+	p.log.Error("panic while handling a request",
+		zap.String("request_id", x.rec.RequestID),
+		zap.String("panic_type", typeName(v)),
+		zap.Stack("stack"))
+	e := x.fail(broker.NewError(broker.CodeInternal, "internal error", nil))
+	if w != nil && !w.wrote {
+		writeError(w, e, x.rec.RequestID)
+	}
+}
+
+func typeName(v any) string {
+	switch v.(type) {
+	case error:
+		return "error"
+	case string:
+		return "string"
+	}
+	return "other"
+}
+
+// statusWriter records the status and the bytes sent to the workload.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+	n      int64
+	wrote  bool
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if !w.wrote {
+		w.status, w.wrote = code, true
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if !w.wrote {
+		w.status, w.wrote = http.StatusOK, true
+	}
+	n, err := w.ResponseWriter.Write(b)
+	w.n += int64(n)
+	return n, err
+}
+
+// Unwrap lets http.ResponseController and goproxy reach Hijack and Flush.
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w *statusWriter) Flush() {
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (w *statusWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	h, ok := w.ResponseWriter.(http.Hijacker)
+	if !ok {
+		return nil, nil, http.ErrNotSupported
+	}
+	w.wrote = true
+	return h.Hijack()
+}
+
+// countingBody counts request body bytes sent upstream.
+type countingBody struct {
+	rc interface {
+		Read([]byte) (int, error)
+		Close() error
+	}
+	n *int64
+}
+
+func (b countingBody) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	*b.n += int64(n)
+	return n, err
+}
+
+func (b countingBody) Close() error { return b.rc.Close() }

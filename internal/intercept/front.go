@@ -1,0 +1,209 @@
+package intercept
+
+import (
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+
+	"github.com/elazarl/goproxy"
+
+	"github.com/keygate/broker/internal/broker"
+)
+
+// serveFront handles one request on the proxy listener: attest, then either
+// a CONNECT (decided in onConnect) or an absolute-form http:// request.
+func (p *Proxy) serveFront(rw http.ResponseWriter, r *http.Request) {
+	w := &statusWriter{ResponseWriter: rw}
+	x := p.newExchange(p.opts.Listener)
+	x.rec.Method = r.Method
+	defer p.finish(x)
+	defer p.recoverPanic(w, x)
+
+	if err := checkInbound(r); err != nil {
+		writeError(w, x.fail(err), x.rec.RequestID)
+		return
+	}
+	id, err := p.opts.Pipeline.Attest(r.Context(), evidence(p.opts.Listener, r))
+	if err != nil {
+		writeError(w, x.fail(err), x.rec.RequestID)
+		return
+	}
+	x.setIdentity(id)
+	r = r.WithContext(withExchange(r.Context(), x))
+
+	if r.Method == http.MethodConnect {
+		x.rec.Protocol = broker.ProtocolHTTPS
+		p.gp.ServeHTTP(w, r) // -> onConnect, then a hijack or a reject
+		if x.err == nil && x.rec.Status == 0 {
+			x.rec.Status = http.StatusOK
+		}
+		return
+	}
+
+	x.rec.Protocol = broker.ProtocolHTTP
+	if !r.URL.IsAbs() || r.URL.Host == "" {
+		writeError(w, x.fail(broker.NewError(broker.CodeBadRequest,
+			"keygate is a proxy: send an absolute-form http:// request or CONNECT", nil)), x.rec.RequestID)
+		return
+	}
+	if r.URL.Scheme != "http" {
+		writeError(w, x.fail(broker.NewError(broker.CodeBadRequest,
+			"only http:// requests are proxied in absolute form; use CONNECT for https", nil)), x.rec.RequestID)
+		return
+	}
+	if r.URL.User != nil {
+		writeError(w, x.fail(broker.NewError(broker.CodeBadRequest, "userinfo in the request URL is not allowed", nil)), x.rec.RequestID)
+		return
+	}
+	host, port, err := SplitHostPort(r.URL.Host, 80)
+	if err != nil {
+		writeError(w, x.fail(broker.NewError(broker.CodeBadRequest, "invalid host in the request URL", err)), x.rec.RequestID)
+		return
+	}
+	p.forward(w, r, x, host, port, "http")
+}
+
+// forward hands a bound, attested request to goproxy, which calls onRequest
+// (decide and inject), the transport, and onResponse.
+func (p *Proxy) forward(w *statusWriter, r *http.Request, x *exchange, host string, port int, scheme string) {
+	x.rec.Host, x.rec.Port, x.rec.Path, x.rec.Method = host, port, r.URL.Path, r.Method
+	if err := p.checkLiteral(host, port); err != nil {
+		writeError(w, x.fail(err), x.rec.RequestID)
+		return
+	}
+	authority := hostHeader(host, port, scheme)
+	r.URL.Scheme, r.URL.Host, r.URL.User = scheme, authority, nil
+	r.Host = authority
+	if r.Body != nil && r.Body != http.NoBody {
+		r.Body = countingBody{rc: r.Body, n: &x.rec.BytesIn}
+	}
+	p.gp.ServeHTTP(w, r)
+	if x.err == nil {
+		x.rec.Status = w.status
+	}
+	x.rec.BytesOut = w.n
+}
+
+// checkLiteral refuses an IP-literal destination the egress dialer would
+// refuse anyway, before a rule or a leaf certificate is spent on it.
+func (p *Proxy) checkLiteral(host string, port int) error {
+	a, err := netip.ParseAddr(host)
+	if err != nil {
+		return nil // a name: the dialer checks every resolved address
+	}
+	if err := p.opts.Dialer.Check(netip.AddrPortFrom(a, uint16(port))); err != nil {
+		return upstreamError(err)
+	}
+	return nil
+}
+
+func evidence(listener string, r *http.Request) broker.Evidence {
+	ev := broker.Evidence{Listener: listener, TLS: r.TLS}
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+		ev.Remote = ap
+	}
+	if la, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
+		if ap, err := netip.ParseAddrPort(la.String()); err == nil {
+			ev.Local = ap
+		}
+	}
+	if v := r.Header.Values("Proxy-Authorization"); len(v) > 0 {
+		ev.ProxyAuthorization = broker.NewSecret(strings.Join(v, ","))
+	}
+	return ev
+}
+
+// onConnect decides a CONNECT on host:port and identity only. Denials are
+// answered without hijacking; tunnels and interceptions are hijacked by our
+// own handlers, so goproxy never dials and never mints with its own CA.
+func (p *Proxy) onConnect(authority string, ctx *goproxy.ProxyCtx) (*goproxy.ConnectAction, string) {
+	x := exchangeFrom(ctx.Req.Context())
+	reject := func(err error) (*goproxy.ConnectAction, string) {
+		be := x.fail(err)
+		ctx.Resp = errorResponse(ctx.Req, be, x.rec.RequestID)
+		return &goproxy.ConnectAction{Action: goproxy.ConnectReject}, authority
+	}
+	if x == nil {
+		return &goproxy.ConnectAction{Action: goproxy.ConnectReject}, authority
+	}
+	host, port, err := SplitHostPort(authority, 443)
+	if err != nil {
+		return reject(broker.NewError(broker.CodeBadRequest, "invalid CONNECT authority", err))
+	}
+	x.rec.Host, x.rec.Port = host, port
+	if err := p.checkLiteral(host, port); err != nil {
+		return reject(err)
+	}
+	t := broker.Target{Phase: broker.PhaseConnect, Protocol: broker.ProtocolHTTPS, Host: host, Port: port}
+	d, err := p.opts.Pipeline.Decide(ctx.Req.Context(), x.identity, t)
+	x.rec.Rule = d.Rule
+	if err != nil {
+		return reject(err)
+	}
+	switch d.Action {
+	case broker.Tunnel:
+		x.rec.Decision = broker.AuditTunnel
+		return &goproxy.ConnectAction{Action: goproxy.ConnectHijack, Hijack: func(_ *http.Request, c net.Conn, _ *goproxy.ProxyCtx) {
+			p.tunnel(ctx.Req.Context(), c, x, host, port)
+		}}, authority
+	case broker.Allow:
+		x.rec.Decision = broker.AuditAllow
+		return &goproxy.ConnectAction{Action: goproxy.ConnectHijack, Hijack: func(_ *http.Request, c net.Conn, _ *goproxy.ProxyCtx) {
+			p.intercept(c, x, host, port)
+		}}, authority
+	}
+	return reject(broker.NewError(broker.CodeDenied, "no rule allows this request", nil))
+}
+
+// onRequest runs for every forwarded request, plain or intercepted: strip
+// what must not travel, then decide and inject. A non-nil response means
+// nothing is forwarded.
+func (p *Proxy) onRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Request, *http.Response) {
+	x := exchangeFrom(r.Context())
+	if x == nil {
+		return r, errorResponse(r, broker.NewError(broker.CodeInternal, "internal error", nil), "")
+	}
+	stripHopByHop(r.Header)
+	t := broker.Target{
+		Phase:    broker.PhaseRequest,
+		Protocol: r.URL.Scheme,
+		Host:     x.rec.Host,
+		Port:     x.rec.Port,
+		Method:   r.Method,
+		Path:     r.URL.Path,
+		Query:    r.URL.RawQuery,
+		Headers:  ruleHeaders(r.Header),
+	}
+	d, cred, err := p.opts.Pipeline.Authorize(r.Context(), x.identity, t, r)
+	x.rec.Rule = d.Rule
+	if err != nil {
+		return r, errorResponse(r, x.fail(err), x.rec.RequestID)
+	}
+	x.rec.Decision = broker.AuditAllow
+	if d.Action == broker.Tunnel {
+		x.rec.Decision = broker.AuditTunnel
+	}
+	if cred.Name != "" {
+		p.setCredential(x, cred)
+	}
+	return r, nil
+}
+
+// onResponse stamps the request id and turns a transport failure into the
+// status table of DESIGN.md §7.
+func (p *Proxy) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Response {
+	x := exchangeFrom(ctx.Req.Context())
+	if x == nil {
+		return resp
+	}
+	if resp == nil {
+		err := ctx.Error
+		if err == nil {
+			err = broker.NewError(broker.CodeUpstreamUnreachable, "no response from upstream", nil)
+		}
+		return errorResponse(ctx.Req, x.fail(upstreamError(err)), x.rec.RequestID)
+	}
+	resp.Header.Set(HeaderRequestID, x.rec.RequestID)
+	return resp
+}

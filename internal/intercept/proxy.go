@@ -1,0 +1,247 @@
+package intercept
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/elazarl/goproxy"
+	"go.uber.org/zap"
+
+	"github.com/keygate/broker/internal/broker"
+)
+
+// EgressDialer is the one egress path (package egress implements it). Check
+// classifies an address without dialling, for IP-literal targets.
+type EgressDialer interface {
+	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+	Check(addr netip.AddrPort) error
+}
+
+// LeafSource returns a certificate for a normalised host; package ca's
+// LeafCache implements it.
+type LeafSource interface {
+	Get(host string) (*tls.Certificate, error)
+}
+
+// Limits bound what one workload connection can cost.
+type Limits struct {
+	ReadHeaderTimeout time.Duration // front door and inside tunnels; default 10s
+	IdleTimeout       time.Duration // keep-alive idle; default 120s
+	MaxHeaderBytes    int           // request line + headers; default 64 KiB
+	HandshakeTimeout  time.Duration // workload TLS handshake in a tunnel; default 10s
+	UpstreamTimeout   time.Duration // wait for upstream response headers; default 60s
+}
+
+func (l Limits) withDefaults() Limits {
+	if l.ReadHeaderTimeout <= 0 {
+		l.ReadHeaderTimeout = 10 * time.Second
+	}
+	if l.IdleTimeout <= 0 {
+		l.IdleTimeout = 120 * time.Second
+	}
+	if l.MaxHeaderBytes <= 0 {
+		l.MaxHeaderBytes = 64 << 10
+	}
+	if l.HandshakeTimeout <= 0 {
+		l.HandshakeTimeout = 10 * time.Second
+	}
+	if l.UpstreamTimeout <= 0 {
+		l.UpstreamTimeout = 60 * time.Second
+	}
+	return l
+}
+
+// Options configure a Proxy. Pipeline, Dialer, Leaves and Logger are
+// required.
+type Options struct {
+	Listener      string // name in the audit line, e.g. "proxy"
+	Pipeline      *broker.Pipeline
+	Dialer        EgressDialer
+	Leaves        LeafSource
+	UpstreamRoots *x509.CertPool // nil: system roots
+	Fingerprints  *broker.Fingerprinter
+	Logger        *zap.Logger
+	Metrics       *Metrics // may be nil
+	Limits        Limits
+	Clock         broker.Clock
+}
+
+// Proxy is the explicit-proxy listener: absolute-form http:// requests and
+// CONNECT, with interception under the broker CA.
+type Proxy struct {
+	opts   Options
+	limits Limits
+	log    *zap.Logger
+	gp     *goproxy.ProxyHttpServer
+	tr     *http.Transport
+	srv    *http.Server
+
+	mu       sync.Mutex
+	hijacked map[net.Conn]struct{}
+	closed   bool
+}
+
+// New builds a Proxy. It refuses options that would fail open.
+func New(o Options) (*Proxy, error) {
+	switch {
+	case o.Pipeline == nil:
+		return nil, errors.New("intercept: no pipeline")
+	case o.Dialer == nil:
+		return nil, errors.New("intercept: no egress dialer")
+	case o.Leaves == nil:
+		return nil, errors.New("intercept: no leaf certificate source")
+	case o.Logger == nil:
+		return nil, errors.New("intercept: no logger")
+	}
+	if o.Listener == "" {
+		o.Listener = "proxy"
+	}
+	if o.Clock == nil {
+		o.Clock = broker.SystemClock{}
+	}
+	p := &Proxy{opts: o, limits: o.Limits.withDefaults(), log: o.Logger, hijacked: map[net.Conn]struct{}{}}
+	p.tr = newTransport(o.Dialer, o.UpstreamRoots, p.limits)
+	p.gp = p.newGoproxy()
+	p.srv = &http.Server{
+		Handler:           http.HandlerFunc(p.serveFront),
+		ReadHeaderTimeout: p.limits.ReadHeaderTimeout,
+		IdleTimeout:       p.limits.IdleTimeout,
+		MaxHeaderBytes:    p.limits.MaxHeaderBytes,
+		ErrorLog:          httpErrorLog(p.log),
+		ConnState:         p.trackConnState,
+	}
+	return p, nil
+}
+
+// newTransport is the upstream client: the egress dialer, verified TLS, no
+// environment proxy, no redirects (a Transport never follows them), no
+// transparent decompression (the workload's Accept-Encoding passes through).
+func newTransport(d EgressDialer, roots *x509.CertPool, l Limits) *http.Transport {
+	return &http.Transport{
+		Proxy:                  nil,
+		DialContext:            d.DialContext,
+		TLSClientConfig:        &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
+		TLSHandshakeTimeout:    10 * time.Second,
+		ResponseHeaderTimeout:  l.UpstreamTimeout,
+		ExpectContinueTimeout:  time.Second,
+		MaxIdleConns:           256,
+		MaxIdleConnsPerHost:    64,
+		IdleConnTimeout:        90 * time.Second,
+		MaxResponseHeaderBytes: 1 << 20,
+		DisableCompression:     true,
+		ForceAttemptHTTP2:      true,
+	}
+}
+
+// newGoproxy configures goproxy so none of its unsafe defaults survive: no
+// environment proxy for CONNECT or requests, our verified transport, no
+// built-in CA (every CONNECT is hijacked by our own handler), and a logger
+// that never prints goproxy's arguments (they can hold URLs with queries).
+func (p *Proxy) newGoproxy() *goproxy.ProxyHttpServer {
+	gp := goproxy.NewProxyHttpServer()
+	gp.Tr = p.tr
+	gp.ConnectDial = nil
+	gp.ConnectDialWithReq = func(req *http.Request, network, addr string) (net.Conn, error) {
+		return nil, errors.New("intercept: goproxy must not dial CONNECT targets itself")
+	}
+	gp.Logger = goproxyLogger{log: p.log.Named("goproxy")}
+	gp.Verbose = false
+	gp.KeepAcceptEncoding = true
+	gp.KeepDestinationHeaders = false
+	gp.PreventCanonicalization = false
+	gp.AllowHTTP2 = false
+	gp.NonproxyHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, broker.NewError(broker.CodeBadRequest, "not a proxy request", nil), "")
+	})
+	gp.OnRequest().HandleConnectFunc(p.onConnect)
+	gp.OnRequest().DoFunc(p.onRequest)
+	gp.OnResponse().DoFunc(p.onResponse)
+	return gp
+}
+
+type goproxyLogger struct{ log *zap.Logger }
+
+func (l goproxyLogger) Printf(format string, _ ...any) {
+	l.log.Debug("goproxy", zap.String("format", format))
+}
+
+// Serve accepts workload connections on ln until Shutdown.
+func (p *Proxy) Serve(ln net.Listener) error {
+	err := p.srv.Serve(ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return fmt.Errorf("intercept: serve %s: %w", p.opts.Listener, err)
+}
+
+// Shutdown stops accepting, lets in-flight plain requests finish until ctx
+// ends, then closes every hijacked tunnel.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	err := p.srv.Shutdown(ctx)
+	p.mu.Lock()
+	p.closed = true
+	for c := range p.hijacked {
+		_ = c.Close()
+	}
+	p.mu.Unlock()
+	p.tr.CloseIdleConnections()
+	return err
+}
+
+// Transport exposes the upstream transport for tests that assert it never
+// reads the environment.
+func (p *Proxy) Transport() *http.Transport { return p.tr }
+
+func (p *Proxy) trackConnState(_ net.Conn, s http.ConnState) {
+	if p.opts.Metrics == nil {
+		return
+	}
+	g := p.opts.Metrics.Active.WithLabelValues(p.opts.Listener)
+	switch s {
+	case http.StateNew:
+		g.Inc()
+	case http.StateClosed:
+		g.Dec()
+	}
+	// A hijacked connection stays counted until its tunnel ends (see hijack).
+}
+
+// hijack registers a tunnel connection so Shutdown can close it; the
+// returned func unregisters it.
+func (p *Proxy) hijack(c net.Conn) (done func(), ok bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil, false
+	}
+	p.hijacked[c] = struct{}{}
+	return func() {
+		p.mu.Lock()
+		delete(p.hijacked, c)
+		p.mu.Unlock()
+		if p.opts.Metrics != nil {
+			p.opts.Metrics.Active.WithLabelValues(p.opts.Listener).Dec()
+		}
+	}, true
+}
+
+// httpErrorLog sends net/http's own messages (TLS handshake errors, bad
+// requests) to the debug level: they are noise at scale and the audit line
+// already records each outcome.
+func httpErrorLog(l *zap.Logger) *log.Logger {
+	std, err := zap.NewStdLogAt(l.Named("http"), zap.DebugLevel)
+	if err != nil {
+		return log.New(io.Discard, "", 0)
+	}
+	return std
+}

@@ -1,0 +1,194 @@
+package rules
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/google/cel-go/cel"
+	"github.com/google/cel-go/checker"
+	"github.com/google/cel-go/common/ast"
+
+	"github.com/keygate/broker/internal/broker"
+)
+
+// CEL variable names (DESIGN.md §6).
+const (
+	varWorkload  = "workload"
+	varDelegator = "delegator"
+	varRequest   = "request"
+	varNow       = "now"
+)
+
+// Keys of the request map. Only protocol, host and port are known at
+// CONNECT; unknownAtConnect marks the rest.
+const (
+	keyProtocol = "protocol"
+	keyMethod   = "method"
+	keyHost     = "host"
+	keyPort     = "port"
+	keyPath     = "path"
+	keyQuery    = "query"
+	keyHeaders  = "headers"
+	keyDatabase = "database"
+	keyUser     = "user"
+)
+
+// isConnectKey reports whether a request field is known at CONNECT, the
+// only fields a tunnel rule may use: a tunnel never sees a request.
+func isConnectKey(k string) bool {
+	return k == keyProtocol || k == keyHost || k == keyPort
+}
+
+const (
+	// DefaultCostLimit is the CEL runtime cost budget of one `when`
+	// evaluation. One unit is roughly one cheap operation (a comparison, a
+	// field access, ten characters of string scanning). 100000 allows a
+	// regular expression over every header of an ordinary request many
+	// times over, and bounds a hostile one: a regex over 10,000 headers of
+	// 8 KiB each is stopped after about 20 ms of CPU (measured).
+	DefaultCostLimit = 100000
+
+	// maxExprLen bounds the source size of one expression.
+	maxExprLen = 16 << 10
+
+	// interruptEvery is how many comprehension iterations run between
+	// checks of the Decide context.
+	interruptEvery = 100
+
+	// Sizes the static cost estimate assumes for data whose size is only
+	// known at run time. They describe an ordinary request, not a bound:
+	// the estimate exists to reject expressions that are too expensive even
+	// for ordinary input (nested loops over headers, regular expressions in
+	// loops over claims); the runtime cost limit enforces the real budget.
+	assumedEntries = 64  // headers, claims, process fields
+	assumedSize    = 256 // any other string, list or map
+)
+
+func newEnv() (*cel.Env, error) {
+	m := cel.MapType(cel.StringType, cel.DynType)
+	env, err := cel.NewEnv(
+		cel.Variable(varWorkload, m),
+		cel.Variable(varDelegator, m),
+		cel.Variable(varRequest, m),
+		cel.Variable(varNow, cel.TimestampType),
+		// Token claims arrive from JSON as doubles; let `claims.n > 5` work.
+		cel.CrossTypeNumericComparisons(true),
+		cel.DefaultUTCTimeZone(true),
+		cel.ParserExpressionSizeLimit(maxExprLen),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("rules: building the CEL environment: %w", err)
+	}
+	return env, nil
+}
+
+// unknownAtConnect marks the request fields a CONNECT does not know.
+func unknownAtConnect() []*cel.AttributePatternType {
+	keys := []string{keyMethod, keyPath, keyQuery, keyHeaders, keyDatabase, keyUser}
+	pats := make([]*cel.AttributePatternType, 0, len(keys))
+	for _, k := range keys {
+		pats = append(pats, cel.AttributePattern(varRequest).QualString(k))
+	}
+	return pats
+}
+
+// sizeEstimator supplies the assumed sizes above to the static estimate.
+type sizeEstimator struct{}
+
+func (sizeEstimator) EstimateSize(n checker.AstNode) *checker.SizeEstimate {
+	path := n.Path()
+	if len(path) == 0 {
+		return nil
+	}
+	size := uint64(assumedSize)
+	if len(path) == 2 {
+		switch {
+		case path[0] == varRequest && path[1] == keyHeaders,
+			path[0] == varWorkload && (path[1] == "claims" || path[1] == "process"),
+			path[0] == varDelegator && path[1] == "claims":
+			size = assumedEntries
+		}
+	}
+	return &checker.SizeEstimate{Min: 0, Max: size}
+}
+
+func (sizeEstimator) EstimateCallCost(string, string, *checker.AstNode, []checker.AstNode) *checker.CallEstimate {
+	return nil
+}
+
+// usesOnlyConnectFields reports whether every use of `request` in the
+// expression is request.protocol, request.host or request.port. Anything
+// else (request.method, request["path"], size(request), a comprehension
+// over request) needs the request.
+func usesOnlyConnectFields(a *cel.Ast) bool {
+	root := ast.NavigateAST(a.NativeRep())
+	for _, id := range ast.MatchDescendants(root, ast.KindMatcher(ast.IdentKind)) {
+		if id.AsIdent() != varRequest {
+			continue
+		}
+		parent, ok := id.Parent()
+		if !ok || parent.Kind() != ast.SelectKind || !isConnectKey(parent.AsSelect().FieldName()) {
+			return false
+		}
+	}
+	return true
+}
+
+// vars builds the activation for one decision. Absent parts are empty maps,
+// so `has(workload.claims.x)` works for every workload.
+func vars(id broker.Identity, t broker.Target, now time.Time, connect bool) map[string]any {
+	claims := id.Claims
+	if claims == nil {
+		claims = map[string]any{}
+	}
+	process := map[string]any{}
+	if p := id.Process; p != nil {
+		process = map[string]any{
+			"pid":          int64(p.PID),
+			"uid":          int64(p.UID),
+			"gid":          int64(p.GID),
+			"exe":          p.Exe,
+			"sha256":       p.SHA256,
+			"container_id": p.ContainerID,
+		}
+	}
+	delegator := map[string]any{}
+	if id.Delegator.Sub != "" {
+		dc := id.Delegator.Claims
+		if dc == nil {
+			dc = map[string]any{}
+		}
+		delegator = map[string]any{"sub": id.Delegator.Sub, "claims": dc}
+	}
+	request := map[string]any{
+		keyProtocol: t.Protocol,
+		keyHost:     t.Host,
+		keyPort:     int64(t.Port),
+	}
+	// At CONNECT the request-only keys are left out: they are marked
+	// unknown, and a fake empty value must never decide anything.
+	if !connect {
+		headers := t.Headers
+		if headers == nil {
+			headers = map[string]string{}
+		}
+		request[keyMethod] = t.Method
+		request[keyPath] = t.Path
+		request[keyQuery] = t.Query
+		request[keyHeaders] = headers
+		request[keyDatabase] = t.Database
+		request[keyUser] = t.User
+	}
+	return map[string]any{
+		varWorkload: map[string]any{
+			"id":           id.ID,
+			"method":       id.Method,
+			"trust_domain": id.TrustDomain,
+			"claims":       claims,
+			"process":      process,
+		},
+		varDelegator: delegator,
+		varRequest:   request,
+		varNow:       now,
+	}
+}

@@ -1,0 +1,78 @@
+package rules
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/keygate/broker/internal/broker"
+)
+
+// FuzzHostPattern: validating and matching never panic; a valid exact
+// pattern matches its own (normalised) spelling; a valid wildcard matches a
+// subdomain of its suffix and never the apex; Decide agrees with matches.
+func FuzzHostPattern(f *testing.F) {
+	for _, s := range []struct{ pattern, host string }{
+		{"api.github.com", "api.github.com"},
+		{"*.example.com", "a.example.com"},
+		{"*.example.com", "example.com"},
+		{"*", "anything"},
+		{"169.254.169.254", "::ffff:169.254.169.254"},
+		{"2001:db8::1", "2001:db8:0::1"},
+		{"[::1]:443", "::1"},
+		{"API.Example.COM", "api.example.com"},
+		{"*.*.com", "a.b.com"},
+		{"a..b", ""},
+		{"fe80::1%eth0", "fe80::1"},
+	} {
+		f.Add(s.pattern, s.host)
+	}
+	f.Fuzz(func(t *testing.T, pattern, host string) {
+		p, err := parseHostPattern(pattern)
+		if (err == nil) != (ValidateHostPattern(pattern) == nil) {
+			t.Fatal("parseHostPattern and ValidateHostPattern disagree")
+		}
+		if err != nil {
+			if _, errs := Compile([]Spec{{Name: "r", Hosts: []string{pattern}}}, Options{}); len(errs) == 0 {
+				t.Fatalf("Compile accepted invalid pattern %q", pattern)
+			}
+			return
+		}
+		s, errs := Compile([]Spec{{Name: "r", Hosts: []string{pattern}, Ports: []int{443}}}, Options{})
+		if len(errs) > 0 {
+			t.Fatalf("Compile rejected valid pattern %q: %v", pattern, errs)
+		}
+		decide := func(h string) bool {
+			d, err := s.Decide(context.Background(), testID, broker.Target{Phase: broker.PhaseConnect, Protocol: "https", Host: h, Port: 443})
+			if err != nil {
+				t.Fatalf("Decide(%q): %v", h, err)
+			}
+			return d.Action == broker.Allow
+		}
+		// Decide (the index) and the pattern agree for an arbitrary host.
+		h := lookupHost(host)
+		if got, want := decide(host), p.matches(h); got != want {
+			t.Fatalf("pattern %q host %q: Decide %v, matches %v", pattern, host, got, want)
+		}
+		switch p.kind {
+		case hostExact:
+			if !decide(p.value) {
+				t.Fatalf("exact pattern %q does not match itself (%q)", pattern, p.value)
+			}
+			if !decide(strings.ToLower(pattern)) {
+				t.Fatalf("exact pattern %q does not match its lower-case spelling", pattern)
+			}
+		case hostWildcard:
+			if !decide("x." + p.value) {
+				t.Fatalf("wildcard %q does not match x.%s", pattern, p.value)
+			}
+			if decide(p.value) {
+				t.Fatalf("wildcard %q matches its apex", pattern)
+			}
+		case hostAny:
+			if !decide("x.example") {
+				t.Fatal("* does not match a host")
+			}
+		}
+	})
+}
