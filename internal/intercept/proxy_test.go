@@ -1,0 +1,578 @@
+package intercept
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/keygate/broker/internal/attest"
+	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/inject"
+	"github.com/keygate/broker/internal/rules"
+)
+
+func wantStatus(t *testing.T, resp *http.Response, status int, code string) {
+	t.Helper()
+	if resp.StatusCode != status {
+		b, _ := io.ReadAll(resp.Body)
+		t.Fatalf("status = %d, want %d; body %s", resp.StatusCode, status, b)
+	}
+	if code != "" && resp.Header.Get(HeaderError) != code {
+		t.Fatalf("%s = %q, want %q", HeaderError, resp.Header.Get(HeaderError), code)
+	}
+	if resp.Header.Get(HeaderRequestID) == "" {
+		t.Fatalf("response has no %s", HeaderRequestID)
+	}
+}
+
+func TestInjectionReplacesAllVariants(t *testing.T) {
+	up := newTLSRecorder(t)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
+	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
+
+	c, _, resp := h.connect(authority)
+	wantStatus(t, resp, http.StatusOK, "")
+	tc, err := h.tlsOver(c, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := h.rawRequest(tc, "GET /repos HTTP/1.1\r\nHost: "+authority+"\r\n"+
+		"authorization: Bearer WORKLOAD\r\nAUTHORIZATION: Bearer SHOUT\r\nAuthorization: one\r\nAuthorization: two\r\n"+
+		"Proxy-Authorization: Basic d29ya2xvYWQ=\r\n\r\n")
+	wantStatus(t, got, http.StatusOK, "")
+	if up.count() != 1 {
+		t.Fatalf("upstream got %d requests, want 1", up.count())
+	}
+	if auths := up.auths[0]; len(auths) != 1 || auths[0] != "Bearer "+h.canary {
+		t.Fatalf("upstream Authorization = %d values, want exactly the injected one", len(auths))
+	}
+	if v := up.last().Header.Values("Proxy-Authorization"); len(v) != 0 {
+		t.Fatalf("Proxy-Authorization reached the upstream")
+	}
+
+	// The same through Go's client (HTTPS_PROXY style), keep-alive reused.
+	for i := 0; i < 3; i++ {
+		req, _ := http.NewRequest(http.MethodGet, "https://"+authority+"/again", nil)
+		req.Header.Set("Authorization", "Bearer WORKLOAD")
+		resp, _ := h.do(req)
+		wantStatus(t, resp, http.StatusOK, "")
+	}
+	for i, a := range up.auths {
+		if len(a) != 1 || a[0] != "Bearer "+h.canary {
+			t.Fatalf("request %d: upstream saw %d Authorization values or a wrong one", i, len(a))
+		}
+	}
+}
+
+func TestAuditLine(t *testing.T) {
+	up := newTLSRecorder(t)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
+	req, _ := http.NewRequest(http.MethodGet, up.srv.URL+"/path?q=1", nil)
+	resp, _ := h.do(req)
+	wantStatus(t, resp, http.StatusOK, "")
+
+	var line map[string]any
+	for _, l := range h.auditLines() {
+		if l["method"] == "GET" {
+			line = l
+		}
+	}
+	if line == nil {
+		t.Fatal("no audit line for the request")
+	}
+	want := map[string]any{
+		"request_id": resp.Header.Get(HeaderRequestID), "listener": "proxy", "workload.id": "local-test",
+		"workload.method": "cidr", "protocol": "https", "host": "127.0.0.1", "path": "/path",
+		"rule": "inject", "decision": "allow", "credential.name": "token", "credential.kind": "static",
+		"status": "200", "error": "",
+	}
+	for k, v := range want {
+		if fmt.Sprint(line[k]) != fmt.Sprint(v) {
+			t.Errorf("audit %s = %#v, want %#v", k, line[k], v)
+		}
+	}
+	if fp, _ := line["credential.fingerprint"].(string); len(fp) != 16 {
+		t.Errorf("credential.fingerprint = %q, want 16 hex characters", fp)
+	}
+	for _, k := range []string{"port", "bytes_in", "bytes_out", "duration_ms", "delegator.sub", "credential.expires"} {
+		if _, ok := line[k]; !ok {
+			t.Errorf("audit line lacks %s", k)
+		}
+	}
+	// The CONNECT's own line is written when its tunnel closes.
+	h.client().CloseIdleConnections()
+	deadline := time.Now().Add(5 * time.Second)
+	for len(h.auditLines()) != 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := len(h.auditLines()); n != 2 {
+		t.Errorf("audit lines = %d, want 2 (the request, then the CONNECT on close)", n)
+	}
+}
+
+func TestDestinationBinding(t *testing.T) {
+	allowed, evil := newTLSRecorder(t), newTLSRecorder(t)
+	rule := bearerRule("allowed-only", "127.0.0.1")
+	rule.Ports = []int{allowed.port(t)}
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{rule}, roots: []*httptest.Server{allowed.srv, evil.srv}})
+	authority := fmt.Sprintf("127.0.0.1:%d", allowed.port(t))
+	evilAuthority := fmt.Sprintf("127.0.0.1:%d", evil.port(t))
+
+	tests := []struct {
+		name string
+		raw  string
+		want int
+	}{
+		{"host header names evil", "GET / HTTP/1.1\r\nHost: " + evilAuthority + "\r\n\r\n", http.StatusMisdirectedRequest},
+		{"absolute-form evil", "GET https://" + evilAuthority + "/ HTTP/1.1\r\nHost: " + authority + "\r\n\r\n", http.StatusMisdirectedRequest},
+		{"absolute-form http scheme", "GET http://" + authority + "/ HTTP/1.1\r\nHost: " + authority + "\r\n\r\n", http.StatusMisdirectedRequest},
+		{"host by another name", "GET / HTTP/1.1\r\nHost: localhost:" + fmt.Sprint(allowed.port(t)) + "\r\n\r\n", http.StatusMisdirectedRequest},
+		{"host without port means 443", "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", http.StatusMisdirectedRequest},
+		{"userinfo confusion", "GET / HTTP/1.1\r\nHost: " + authority + "@" + evilAuthority + "\r\n\r\n", http.StatusBadRequest},
+		{"matching host", "GET / HTTP/1.1\r\nHost: " + authority + "\r\n\r\n", http.StatusOK},
+		{"matching absolute-form", "GET https://" + authority + "/ HTTP/1.1\r\nHost: " + authority + "\r\n\r\n", http.StatusOK},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := allowed.count()
+			c, _, resp := h.connect(authority)
+			wantStatus(t, resp, http.StatusOK, "")
+			tc, err := h.tlsOver(c, "127.0.0.1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := h.rawRequest(tc, tt.raw)
+			if got.StatusCode != tt.want {
+				t.Fatalf("status = %d, want %d", got.StatusCode, tt.want)
+			}
+			forwarded := allowed.count() - before
+			if (tt.want == http.StatusOK) != (forwarded == 1) {
+				t.Fatalf("allowed upstream got %d requests", forwarded)
+			}
+		})
+	}
+
+	t.Run("sni names evil", func(t *testing.T) {
+		c, _, resp := h.connect(authority)
+		wantStatus(t, resp, http.StatusOK, "")
+		if _, err := h.tlsOver(c, "evil.test"); err == nil {
+			t.Fatal("handshake with a foreign SNI succeeded")
+		}
+	})
+	if evil.count() != 0 {
+		t.Fatalf("evil upstream received %d requests", evil.count())
+	}
+}
+
+func TestBindDestination(t *testing.T) {
+	tests := []struct {
+		host, url string
+		ok        bool
+	}{
+		{"allowed.test", "", true},
+		{"ALLOWED.TEST", "", true},
+		{"allowed.test.", "", true},
+		{"allowed.test:443", "", true},
+		{"allowed.test:8443", "", false},
+		{"evil.test", "", false},
+		{"allowed.test ", "", false},
+		{"allowed.test", "https://allowed.test/x", true},
+		{"allowed.test", "https://ALLOWED.test:443/x", true},
+		{"allowed.test", "https://evil.test/x", false},
+		{"allowed.test", "http://allowed.test/x", false},
+		{"", "", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.host+"|"+tt.url, func(t *testing.T) {
+			target := "/x"
+			if tt.url != "" {
+				target = tt.url
+			}
+			r := httptest.NewRequest(http.MethodGet, target, nil)
+			r.Host = tt.host
+			if err := bindDestination(r, "allowed.test", 443); (err == nil) != tt.ok {
+				t.Fatalf("bindDestination = %v, want ok=%v", err, tt.ok)
+			}
+		})
+	}
+}
+
+func TestNoInjectionOverPlaintextTunnel(t *testing.T) {
+	up := newTLSRecorder(t)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
+	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
+	c, _, resp := h.connect(authority)
+	wantStatus(t, resp, http.StatusOK, "")
+	got := h.rawRequest(c, "GET / HTTP/1.1\r\nHost: "+authority+"\r\n\r\n")
+	wantStatus(t, got, http.StatusForbidden, broker.CodePlaintextDenied)
+	if up.count() != 0 {
+		t.Fatalf("upstream got %d requests", up.count())
+	}
+}
+
+func TestPlainHTTP(t *testing.T) {
+	for _, allowPlaintext := range []bool{false, true} {
+		t.Run(fmt.Sprint("allow_plaintext=", allowPlaintext), func(t *testing.T) {
+			up := newPlainRecorder(t)
+			rule := bearerRule("plain", "127.0.0.1")
+			rule.Ports = []int{up.port(t)}
+			rule.AllowPlaintext = allowPlaintext
+			h := newHarness(t, harnessOpts{rules: []rules.Spec{rule}})
+			req, _ := http.NewRequest(http.MethodGet, up.srv.URL+"/x", nil)
+			resp, _ := h.do(req)
+			if !allowPlaintext {
+				wantStatus(t, resp, http.StatusForbidden, broker.CodePlaintextDenied)
+				if up.count() != 0 {
+					t.Fatalf("upstream got %d requests", up.count())
+				}
+				return
+			}
+			wantStatus(t, resp, http.StatusOK, "")
+			if a := up.auths[0]; len(a) != 1 || a[0] != "Bearer "+h.canary {
+				t.Fatal("plaintext upstream did not get exactly the injected credential")
+			}
+		})
+	}
+}
+
+func TestConnectPolicy(t *testing.T) {
+	up := newTLSRecorder(t)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{
+		bearerRule("inject", "127.0.0.1"),
+		{Name: "metadata", Hosts: []string{"169.254.169.254"}, Action: "deny"},
+	}, roots: []*httptest.Server{up.srv}})
+	tests := []struct {
+		authority string
+		status    int
+		code      string
+	}{
+		{"denied.example:443", http.StatusForbidden, broker.CodeDenied},
+		{"127.0.0.1:22", http.StatusForbidden, broker.CodeDenied},
+		{"127.0.0.1:6379", http.StatusForbidden, broker.CodeDenied},
+		{"169.254.169.254:443", http.StatusForbidden, broker.CodeEgressDenied},
+		{"127.0.0.1:0", http.StatusBadRequest, broker.CodeBadRequest},
+		{"[fe80::1%25eth0]:443", http.StatusBadRequest, broker.CodeBadRequest},
+	}
+	for _, tt := range tests {
+		t.Run(tt.authority, func(t *testing.T) {
+			_, _, resp := h.connect(tt.authority)
+			wantStatus(t, resp, tt.status, tt.code)
+		})
+	}
+	// T-C3: a storm of CONNECTs to denied names mints nothing.
+	for i := 0; i < 200; i++ {
+		_, _, resp := h.connect(fmt.Sprintf("n%d.denied.example:443", i))
+		if resp.StatusCode != http.StatusForbidden {
+			t.Fatalf("CONNECT to a denied name: %d", resp.StatusCode)
+		}
+	}
+	if *h.mints != 0 {
+		t.Fatalf("%d leaves minted for denied hosts", *h.mints)
+	}
+	if up.count() != 0 {
+		t.Fatalf("upstream got %d requests", up.count())
+	}
+}
+
+func TestSSRFLiterals(t *testing.T) {
+	var canaryConns atomic.Int64
+	canary, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer canary.Close()
+	go func() {
+		for {
+			c, err := canary.Accept()
+			if err != nil {
+				return
+			}
+			canaryConns.Add(1)
+			c.Close()
+		}
+	}()
+	_, port, _ := net.SplitHostPort(canary.Addr().String())
+	catchAll := rules.Spec{Name: "anything", Hosts: []string{"*"}, Ports: []int{80, 443, atoi(port)}}
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{catchAll}})
+	_, selfPort, _ := net.SplitHostPort(h.addr)
+	catchAll.Ports = append(catchAll.Ports, atoi(selfPort))
+
+	hosts := []string{"127.0.0.2", "127.2", "2130706434", "0x7f.0.0.2", "0177.0.0.2", "[::ffff:127.0.0.2]", "169.254.169.254", "[64:ff9b::a9fe:a9fe]", "10.0.0.1", "[::1]"}
+	for _, host := range hosts {
+		t.Run("connect "+host, func(t *testing.T) {
+			_, _, resp := h.connect(host + ":" + port)
+			wantStatus(t, resp, http.StatusForbidden, broker.CodeEgressDenied)
+		})
+		t.Run("get "+host, func(t *testing.T) {
+			req, _ := http.NewRequest(http.MethodGet, "http://"+host+":"+port+"/", nil)
+			resp, _ := h.do(req)
+			wantStatus(t, resp, http.StatusForbidden, broker.CodeEgressDenied)
+		})
+	}
+	if n := canaryConns.Load(); n != 0 {
+		t.Fatalf("canary listener got %d connections", n)
+	}
+}
+
+func atoi(s string) int {
+	n := 0
+	fmt.Sscan(s, &n)
+	return n
+}
+
+func TestHopByHop(t *testing.T) {
+	up := newTLSRecorder(t)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
+	req, _ := http.NewRequest(http.MethodGet, up.srv.URL+"/", nil)
+	req.Header.Set("Connection", "X-Foo, Authorization")
+	req.Header.Set("X-Foo", "bar")
+	req.Header.Set("Keep-Alive", "timeout=5")
+	req.Header.Set("Te", "trailers")
+	req.Header.Set("X-Broker-Identity", "forged")
+	req.Header.Set("X-Keygate-Identity", "forged")
+	req.Header.Set("X-Forwarded-Client-Cert", "forged")
+	req.Header.Set("X-Kept", "yes")
+	resp, _ := h.do(req)
+	wantStatus(t, resp, http.StatusOK, "")
+	got := up.last().Header
+	for _, k := range []string{"X-Foo", "Keep-Alive", "Te", "X-Broker-Identity", "X-Keygate-Identity", "X-Forwarded-Client-Cert", "Proxy-Authorization"} {
+		if v := got.Values(k); len(v) != 0 {
+			t.Errorf("%s reached the upstream", k)
+		}
+	}
+	if got.Get("X-Kept") != "yes" {
+		t.Error("an end-to-end header was dropped")
+	}
+	if a := got.Values("Authorization"); len(a) != 1 || a[0] != "Bearer "+h.canary {
+		t.Error("the injected Authorization did not survive Connection: Authorization")
+	}
+}
+
+func TestUpstreamVerify(t *testing.T) {
+	up := newTLSRecorder(t) // its self-signed certificate is not trusted
+	rule := bearerRule("inject", "127.0.0.1")
+	rule.Ports = []int{up.port(t)}
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{rule}})
+	req, _ := http.NewRequest(http.MethodGet, up.srv.URL+"/", nil)
+	resp, _ := h.do(req)
+	wantStatus(t, resp, http.StatusBadGateway, broker.CodeUpstreamTLS)
+	if up.count() != 0 {
+		t.Fatalf("an unverified upstream received %d requests", up.count())
+	}
+}
+
+func TestNoEnvProxy(t *testing.T) {
+	t.Setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+	t.Setenv("HTTP_PROXY", "http://127.0.0.1:1")
+	t.Setenv("https_proxy", "http://127.0.0.1:1")
+	up := newTLSRecorder(t)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
+	if h.proxy.Transport().Proxy != nil {
+		t.Fatal("transport reads a proxy from the environment")
+	}
+	if h.proxy.gp.ConnectDial != nil {
+		t.Fatal("goproxy dials CONNECT through an environment proxy")
+	}
+	if h.proxy.Transport().TLSClientConfig.InsecureSkipVerify {
+		t.Fatal("upstream TLS verification is off")
+	}
+	req, _ := http.NewRequest(http.MethodGet, up.srv.URL+"/", nil)
+	resp, _ := h.do(req)
+	wantStatus(t, resp, http.StatusOK, "")
+}
+
+type panicSource struct{ canary string }
+
+func (p panicSource) Credential(context.Context, broker.Identity, broker.Grant) (broker.Credential, error) {
+	panic("source exploded holding " + p.canary)
+}
+
+func TestHandlerPanicIsContained(t *testing.T) {
+	up := newTLSRecorder(t)
+	boom := bearerRule("boom", "127.0.0.1")
+	boom.When = `request.path == "/boom"`
+	boom.Inject = &broker.Injection{Credential: "boom", Injector: inject.Bearer()}
+	h := newHarness(t, harnessOpts{
+		rules:   []rules.Spec{boom, bearerRule("inject", "127.0.0.1")},
+		roots:   []*httptest.Server{up.srv},
+		sources: map[string]broker.Source{"boom": nil},
+	})
+	h.sources["boom"] = panicSource{canary: h.canary} // same map the pipeline reads; set before any request
+
+	// A long-lived tunnel opened before the panic must survive it.
+	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
+	c, _, resp := h.connect(authority)
+	wantStatus(t, resp, http.StatusOK, "")
+	other, err := h.tlsOver(c, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	for _, path := range []string{"/boom", "/boom"} {
+		req, _ := http.NewRequest(http.MethodGet, up.srv.URL+path, nil)
+		resp, _ := h.do(req)
+		wantStatus(t, resp, http.StatusInternalServerError, broker.CodeInternal)
+	}
+	got := h.rawRequest(other, "GET /fine HTTP/1.1\r\nHost: "+authority+"\r\n\r\n")
+	wantStatus(t, got, http.StatusOK, "")
+	if up.count() != 1 {
+		t.Fatalf("upstream got %d requests, want only the healthy one", up.count())
+	}
+	if len(h.logs.FilterMessage("panic while handling a request").All()) != 2 {
+		t.Fatal("panics were not logged")
+	}
+}
+
+func TestHeaderLimits(t *testing.T) {
+	up := newTLSRecorder(t)
+	h := newHarness(t, harnessOpts{
+		rules:  []rules.Spec{bearerRule("inject", "127.0.0.1")},
+		roots:  []*httptest.Server{up.srv},
+		limits: Limits{MaxHeaderBytes: 16 << 10, ReadHeaderTimeout: 300 * time.Millisecond},
+	})
+	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
+	big := "X-Big: " + strings.Repeat("a", 200<<10) + "\r\n"
+
+	t.Run("inside a tunnel", func(t *testing.T) {
+		c, _, resp := h.connect(authority)
+		wantStatus(t, resp, http.StatusOK, "")
+		tc, err := h.tlsOver(c, "127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := h.rawRequest(tc, "GET / HTTP/1.1\r\nHost: "+authority+"\r\n"+big+"\r\n")
+		if got.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			t.Fatalf("status = %d, want 431", got.StatusCode)
+		}
+	})
+	t.Run("at the front door", func(t *testing.T) {
+		c, err := net.Dial("tcp", h.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		got := h.rawRequest(c, "GET "+up.srv.URL+"/ HTTP/1.1\r\nHost: x\r\n"+big+"\r\n")
+		if got.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			t.Fatalf("status = %d, want 431", got.StatusCode)
+		}
+	})
+	t.Run("slow headers inside a tunnel are cut off", func(t *testing.T) {
+		c, _, resp := h.connect(authority)
+		wantStatus(t, resp, http.StatusOK, "")
+		tc, err := h.tlsOver(c, "127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(tc, "GET / HTTP/1.1\r\nHost: "+authority+"\r\nX-Slow: a"); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		_, err = io.ReadAll(tc)
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			t.Fatalf("the broker kept a slow request open past its read-header timeout (%v)", time.Since(start))
+		}
+	})
+	if up.count() != 0 {
+		t.Fatalf("upstream got %d requests", up.count())
+	}
+}
+
+func TestTunnelAction(t *testing.T) {
+	up := newTLSRecorder(t)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{{Name: "opaque", Hosts: []string{"127.0.0.1"}, Action: "tunnel"}}, roots: []*httptest.Server{up.srv}})
+	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
+	// The tunnelled client talks TLS to the upstream itself, trusting the
+	// upstream's certificate, not the broker CA: nothing is intercepted.
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		Proxy:           http.ProxyURL(&url.URL{Scheme: "http", Host: h.addr}),
+		TLSClientConfig: up.srv.Client().Transport.(*http.Transport).TLSClientConfig.Clone(),
+	}}
+	resp, err := client.Get("https://" + authority + "/t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || up.count() != 1 || len(up.auths[0]) != 0 {
+		t.Fatalf("tunnel: status %d, %d requests, %d Authorization values", resp.StatusCode, up.count(), len(up.auths[0]))
+	}
+	client.CloseIdleConnections()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, l := range h.auditLines() {
+			if l["decision"] == "tunnel" && l["bytes_out"].(int64) > 0 {
+				return
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("no audit line with decision tunnel and bytes after the tunnel closed")
+}
+
+func TestUpstream3xxPassedThrough(t *testing.T) {
+	evil := newTLSRecorder(t)
+	up := &recorder{}
+	up.srv = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		up.ServeHTTP(httptest.NewRecorder(), r)
+		http.Redirect(w, r, evil.srv.URL+"/stolen", http.StatusFound)
+	}))
+	t.Cleanup(up.srv.Close)
+	rule := bearerRule("inject", "127.0.0.1")
+	rule.Ports = []int{up.port(t)}
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{rule}, roots: []*httptest.Server{up.srv, evil.srv}})
+	req, _ := http.NewRequest(http.MethodGet, up.srv.URL+"/", nil)
+	resp, _ := h.do(req)
+	if resp.StatusCode != http.StatusFound || resp.Header.Get("Location") != evil.srv.URL+"/stolen" {
+		t.Fatalf("status %d Location %q: the 3xx was not passed through verbatim", resp.StatusCode, resp.Header.Get("Location"))
+	}
+	if evil.count() != 0 {
+		t.Fatal("the broker followed a redirect")
+	}
+}
+
+func TestAttestationRequired(t *testing.T) {
+	up := newTLSRecorder(t)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}, attest: attest.NewChain(nil)})
+	_, _, resp := h.connect(fmt.Sprintf("127.0.0.1:%d", up.port(t)))
+	wantStatus(t, resp, http.StatusProxyAuthRequired, broker.CodeUnauthenticated)
+	if resp.Header.Get("Proxy-Authenticate") == "" {
+		t.Fatal("407 without Proxy-Authenticate")
+	}
+	req, _ := http.NewRequest(http.MethodGet, "http://example.test/", nil)
+	resp2, _ := h.do(req)
+	wantStatus(t, resp2, http.StatusProxyAuthRequired, broker.CodeUnauthenticated)
+	if up.count() != 0 {
+		t.Fatal("an unattested caller reached the upstream")
+	}
+}
+
+func TestMethodsRefused(t *testing.T) {
+	up := newTLSRecorder(t)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
+	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
+	for _, raw := range []string{
+		"TRACE / HTTP/1.1\r\nHost: " + authority + "\r\n\r\n",
+		"CONNECT " + authority + " HTTP/1.1\r\nHost: " + authority + "\r\n\r\n",
+	} {
+		c, _, resp := h.connect(authority)
+		wantStatus(t, resp, http.StatusOK, "")
+		tc, err := h.tlsOver(c, "127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := h.rawRequest(tc, raw)
+		wantStatus(t, got, http.StatusMethodNotAllowed, broker.CodeMethodNotAllowed)
+	}
+	if up.count() != 0 {
+		t.Fatal("a refused method reached the upstream")
+	}
+}
