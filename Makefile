@@ -1,0 +1,44 @@
+# keygate broker. `make test` is what CI runs (see README and .ci/run).
+GO       ?= go
+PKGS     := ./...
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT   ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+LDFLAGS  := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
+FUZZTIME ?= 10s
+
+.PHONY: run build test lint bench fuzz deps clean
+
+run: ## serve the embedded quick start (no config, no outside service)
+	$(GO) run ./cmd/broker run
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/broker ./cmd/broker
+
+test: deps lint ## everything CI runs
+	$(GO) test -race -count=1 $(PKGS)
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+	@# Unsafe defaults must never ship outside tests (SECURITY-TESTS.md §1).
+	@if git grep -n -E 'InsecureSkipVerify:\s*true|goproxy\.GoproxyCa|goproxy\.(MitmConnect|OkConnect|RejectConnect)\b' -- '*.go' ':!*_test.go'; then \
+	  echo "unsafe default outside tests"; exit 1; fi
+	@# goproxy types never leave internal/intercept.
+	@if git grep -l 'elazarl/goproxy' -- '*.go' ':!internal/intercept/*' | grep -v '_test.go'; then \
+	  echo "goproxy imported outside internal/intercept"; exit 1; fi
+
+bench: ## broker vs bare goproxy vs direct, plus the micro benchmarks
+	$(GO) test -run '^$$' -bench . -benchtime 3s ./internal/...
+
+fuzz: ## each fuzz target for FUZZTIME
+	$(GO) test -run '^$$' -fuzz FuzzHostNormalize -fuzztime $(FUZZTIME) ./internal/intercept/
+	$(GO) test -run '^$$' -fuzz FuzzClassify -fuzztime $(FUZZTIME) ./internal/intercept/egress/
+	$(GO) test -run '^$$' -fuzz FuzzHostPattern -fuzztime $(FUZZTIME) ./internal/rules/
+	$(GO) test -run '^$$' -fuzz FuzzHeaderInjection -fuzztime $(FUZZTIME) ./internal/inject/
+
+deps: ## the real clients the tests drive (idempotent; installs only what is missing)
+	@./scripts/deps.sh
+
+clean:
+	rm -rf bin

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the real clients the tests drive (curl, git), idempotently.
+# Nothing is downloaded when they are already present; in CI (CI=true) a
+# missing tool that cannot be installed is an error, never a silent skip.
+set -euo pipefail
+need=()
+command -v curl >/dev/null || need+=(curl)
+command -v git >/dev/null || need+=(git)
+[ -x "$(git --exec-path 2>/dev/null)/git-http-backend" ] || need+=(git)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+elif [ "${CI:-}" = true ]; then
+  echo "deps: missing ${need[*]} and cannot install them" >&2; exit 1
+else
+  echo "deps: missing ${need[*]}; the tests that need them will say so" >&2
+fi
