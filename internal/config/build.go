@@ -154,7 +154,9 @@ func (c *Config) Build(o BuildOptions) (rt *Runtime, err error) {
 	if o.Clock == nil {
 		o.Clock = broker.SystemClock{}
 	}
-	if ps := c.validate(); len(ps) > 0 {
+	ps := c.validate()
+	set, rps := c.compileRules(o.Clock)
+	if ps = append(ps, rps...); len(ps) > 0 {
 		return nil, sortProblems(ps)
 	}
 	rt = &Runtime{Registry: prometheus.NewRegistry(), log: o.Logger}
@@ -167,7 +169,6 @@ func (c *Config) Build(o BuildOptions) (rt *Runtime, err error) {
 	metrics := intercept.NewMetrics(rt.Registry)
 	credMetrics := inject.NewMetrics(rt.Registry)
 
-	var ps Problems
 	authority, err := c.loadCA(o)
 	if err != nil {
 		ps = append(ps, c.problem(err.Error(), "ca"))
@@ -191,8 +192,6 @@ func (c *Config) Build(o BuildOptions) (rt *Runtime, err error) {
 
 	sources, sps := c.buildSources(o.Clock, credMetrics)
 	ps = append(ps, sps...)
-	set, rps := c.compileRules(o.Clock)
-	ps = append(ps, rps...)
 	chain, aps := c.buildAttestors(metrics)
 	ps = append(ps, aps...)
 	roots, err := c.upstreamRoots(authority)

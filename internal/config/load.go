@@ -47,6 +47,9 @@ type Config struct {
 	Path string // for messages
 	Dir  string // relative paths in the file resolve against it
 	root *yaml.Node
+	// decodeProblems are unknown keys and wrong types, reported by validate
+	// together with everything else.
+	decodeProblems Problems
 }
 
 var yamlLine = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
@@ -75,7 +78,13 @@ func Parse(name, dir string, data []byte) (*Config, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&c.File); err != nil && !errors.Is(err, io.EOF) {
-		return nil, c.yamlProblems(err)
+		var te *yaml.TypeError
+		if !errors.As(err, &te) {
+			return nil, c.yamlProblems(err)
+		}
+		// Type errors leave the rest decoded: keep them and go on, so
+		// validate reports every problem in the file at once.
+		c.decodeProblems = c.yamlProblems(err)
 	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {

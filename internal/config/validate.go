@@ -15,7 +15,7 @@ const notInThisBuild = "is not supported by this build of keygate yet"
 
 // validate checks what can be checked without building anything.
 func (c *Config) validate() Problems {
-	var ps Problems
+	ps := append(Problems(nil), c.decodeProblems...)
 	add := func(msg string, path ...any) { ps = append(ps, c.problem(msg, path...)) }
 
 	if c.Listen.Proxy == "" {
