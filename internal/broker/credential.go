@@ -7,7 +7,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"sort"
-	"strings"
 	"time"
 )
 
@@ -54,22 +53,16 @@ type Grant struct {
 // CacheKey binds a cached credential to the credential name, the caller and
 // the grant parameters, so one workload never receives another's credential.
 func (g Grant) CacheKey(id Identity) string {
-	var b strings.Builder
-	b.WriteString(g.Credential)
-	b.WriteByte(0)
-	b.WriteString(id.Key())
 	keys := make([]string, 0, len(g.Params))
 	for k := range g.Params {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
+	parts := []string{g.Credential, g.Rule, id.Key()}
 	for _, k := range keys {
-		b.WriteByte(0)
-		b.WriteString(k)
-		b.WriteByte('=')
-		b.WriteString(g.Params[k])
+		parts = append(parts, k, g.Params[k])
 	}
-	return b.String()
+	return lengthPrefixed(parts...)
 }
 
 // Source fetches or mints one credential. It does no caching of its own

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strconv"
+	"strings"
 )
 
 // Attestation methods, as rules see them in workload.method.
@@ -50,7 +52,19 @@ func (i Identity) IsZero() bool { return i.ID == "" || i.Method == "" }
 // Key identifies the caller for cache keys: two callers with different keys
 // never share a cached credential.
 func (i Identity) Key() string {
-	return i.Method + "\x00" + i.TrustDomain + "\x00" + i.ID + "\x00" + i.Delegator.Sub
+	return lengthPrefixed(i.Method, i.TrustDomain, i.ID, i.Delegator.Sub)
+}
+
+// lengthPrefixed joins parts so that no two different lists give the same
+// string, whatever bytes the parts hold.
+func lengthPrefixed(parts ...string) string {
+	var b strings.Builder
+	for _, p := range parts {
+		b.WriteString(strconv.Itoa(len(p)))
+		b.WriteByte(':')
+		b.WriteString(p)
+	}
+	return b.String()
 }
 
 // Delegator is a verified user on whose behalf the workload calls. The zero

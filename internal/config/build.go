@@ -147,7 +147,7 @@ type Runtime struct {
 
 // Build validates the file and composes the broker. On error nothing is
 // left open.
-func (c *Config) Build(o BuildOptions) (rt *Runtime, err error) {
+func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 	if o.Logger == nil {
 		return nil, errors.New("config: no logger")
 	}
@@ -159,7 +159,7 @@ func (c *Config) Build(o BuildOptions) (rt *Runtime, err error) {
 	if ps = append(ps, rps...); len(ps) > 0 {
 		return nil, sortProblems(ps)
 	}
-	rt = &Runtime{Registry: prometheus.NewRegistry(), log: o.Logger}
+	rt := &Runtime{Registry: prometheus.NewRegistry(), log: o.Logger}
 	defer func() {
 		if err != nil {
 			rt.closeListeners()

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -392,83 +393,84 @@ func TestCacheSingleflight(t *testing.T) {
 		{"error", errors.New("backend down"), map[string]float64{ResultOK: 0, ResultCacheHit: 0, ResultError: callers}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			reg := prometheus.NewPedanticRegistry()
-			m := NewMetrics(reg)
-			src := newBlockingSource()
-			src.err = tc.err
-			c := NewCache("c1", src, CacheOptions{TTL: time.Minute, Clock: newFakeClock(), Metrics: m})
+			// synctest.Wait returns only when every caller is durably
+			// blocked: the first inside the source, the other 499 waiting
+			// on its flight. Only then is the source released.
+			synctest.Test(t, func(t *testing.T) {
+				reg := prometheus.NewPedanticRegistry()
+				m := NewMetrics(reg)
+				src := newBlockingSource()
+				src.err = tc.err
+				c := NewCache("c1", src, CacheOptions{TTL: time.Minute, Clock: newFakeClock(), Metrics: m})
 
-			// The source holds the first call until every caller has
-			// started; without singleflight each caller would reach the
-			// source and this would count 500 calls.
-			var started sync.WaitGroup
-			started.Add(callers)
-			go func() {
-				started.Wait()
-				close(src.release)
-			}()
-			var wg sync.WaitGroup
-			errs := make(chan error, callers)
-			toks := make(chan string, callers)
-			for range callers {
-				wg.Go(func() {
-					started.Done()
-					cr, err := c.Credential(context.Background(), idA, grant)
-					if err != nil {
-						errs <- err
-						return
+				var wg sync.WaitGroup
+				errs := make(chan error, callers)
+				toks := make(chan string, callers)
+				for range callers {
+					wg.Go(func() {
+						cr, err := c.Credential(context.Background(), idA, grant)
+						if err != nil {
+							errs <- err
+							return
+						}
+						toks <- token(t, cr)
+					})
+				}
+				synctest.Wait()
+				waiting := src.calls.Load()
+				close(src.release) // before any Fatal, so no caller stays blocked
+				wg.Wait()
+				close(errs)
+				close(toks)
+				if waiting != 1 {
+					t.Fatalf("%d source calls with %d callers waiting, want 1", waiting, callers)
+				}
+				if n := src.calls.Load(); n != 1 {
+					t.Fatalf("%d source calls for %d concurrent first requests, want 1", n, callers)
+				}
+				if tc.err != nil {
+					n := 0
+					for err := range errs {
+						n++
+						if !errors.Is(err, tc.err) {
+							t.Fatalf("error %v does not wrap the source error", err)
+						}
 					}
-					toks <- token(t, cr)
-				})
-			}
-			wg.Wait()
-			close(errs)
-			close(toks)
-			if n := src.calls.Load(); n != 1 {
-				t.Fatalf("%d source calls for %d concurrent first requests, want 1", n, callers)
-			}
-			if tc.err != nil {
-				n := 0
-				for err := range errs {
-					n++
-					if !errors.Is(err, tc.err) {
-						t.Fatalf("error %v does not wrap the source error", err)
+					if n != callers {
+						t.Fatalf("%d errors, want %d", n, callers)
+					}
+				} else {
+					for tok := range toks {
+						if tok != idA.ID+"#1" {
+							t.Fatalf("token %q, want %q", tok, idA.ID+"#1")
+						}
+					}
+					if err, ok := <-errs; ok {
+						t.Fatal(err)
 					}
 				}
-				if n != callers {
-					t.Fatalf("%d errors, want %d", n, callers)
-				}
-			} else {
-				for tok := range toks {
-					if tok != idA.ID+"#1" {
-						t.Fatalf("token %q, want %q", tok, idA.ID+"#1")
+				for result, want := range tc.results {
+					if got := testutil.ToFloat64(m.fetches.WithLabelValues("c1", result)); got != want {
+						t.Errorf("fetches{result=%q} = %v, want %v", result, got, want)
 					}
 				}
-				if err, ok := <-errs; ok {
-					t.Fatal(err)
+				if got := testutil.CollectAndCount(m.duration, "keygate_credential_fetch_duration_seconds"); got != 1 {
+					t.Errorf("%d duration series, want 1", got)
 				}
-			}
-			for result, want := range tc.results {
-				if got := testutil.ToFloat64(m.fetches.WithLabelValues("c1", result)); got != want {
-					t.Errorf("fetches{result=%q} = %v, want %v", result, got, want)
+				if got := histogramCount(t, reg); got != 1 {
+					t.Errorf("duration histogram count = %d, want 1 (source calls only)", got)
 				}
-			}
-			if got := testutil.CollectAndCount(m.duration, "keygate_credential_fetch_duration_seconds"); got != 1 {
-				t.Errorf("%d duration series, want 1", got)
-			}
-			if got := histogramCount(t, reg); got != 1 {
-				t.Errorf("duration histogram count = %d, want 1 (source calls only)", got)
-			}
-			if tc.err != nil {
-				// Errors are not cached: the next caller goes to the source.
-				src.err = nil
-				if _, err := c.Credential(context.Background(), idA, grant); err != nil {
-					t.Fatal(err)
+				if tc.err != nil {
+					// Errors are not cached: the next caller goes to the source.
+					src.err = nil
+					if _, err := c.Credential(context.Background(), idA, grant); err != nil {
+						t.Fatal(err)
+					}
+					if n := src.calls.Load(); n != 2 {
+						t.Fatalf("%d source calls after a failed flight, want 2", n)
+					}
 				}
-				if n := src.calls.Load(); n != 2 {
-					t.Fatalf("%d source calls after a failed flight, want 2", n)
-				}
-			}
+			})
 		})
 	}
 }
@@ -585,38 +587,35 @@ func TestCacheReleaseCredentials(t *testing.T) {
 	})
 
 	t.Run("concurrent: never shared", func(t *testing.T) {
-		const callers = 50
-		src := newBlockingSource()
-		src.lease = func(context.Context) {}
-		c := NewCache("c1", src, CacheOptions{TTL: time.Hour, Clock: newFakeClock()})
-		var started sync.WaitGroup
-		started.Add(callers)
-		go func() { started.Wait(); close(src.release) }()
-		toks := make(chan string, callers)
-		var wg sync.WaitGroup
-		for range callers {
-			wg.Go(func() {
-				started.Done()
-				cr, err := c.Credential(context.Background(), idA, grant)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				toks <- token(t, cr)
-			})
-		}
-		wg.Wait()
-		close(toks)
-		seen := map[string]bool{}
-		for tok := range toks {
-			if seen[tok] {
-				t.Fatalf("one-shot credential %q handed to two callers", tok)
+		synctest.Test(t, func(t *testing.T) {
+			const callers = 50
+			src := newBlockingSource()
+			src.lease = func(context.Context) {}
+			c := NewCache("c1", src, CacheOptions{TTL: time.Hour, Clock: newFakeClock()})
+			toks := make(chan string, callers)
+			var wg sync.WaitGroup
+			for range callers {
+				wg.Go(func() {
+					cr, err := c.Credential(context.Background(), idA, grant)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					toks <- token(t, cr)
+				})
 			}
-			seen[tok] = true
-		}
-		if len(seen) != callers {
-			t.Fatalf("%d credentials for %d callers", len(seen), callers)
-		}
+			// All callers now wait on one flight, whose one-shot lease
+			// only its own caller may take.
+			synctest.Wait()
+			waiting := src.calls.Load()
+			close(src.release) // before any Fatal, so no caller stays blocked
+			wg.Wait()
+			close(toks)
+			if waiting != 1 {
+				t.Fatalf("%d source calls before release, want 1", waiting)
+			}
+			checkDistinct(t, toks, callers)
+		})
 	})
 
 	t.Run("caller gone: lease released", func(t *testing.T) {
@@ -639,6 +638,21 @@ func TestCacheReleaseCredentials(t *testing.T) {
 			t.Fatal("the orphaned lease was not released")
 		}
 	})
+}
+
+// checkDistinct drains toks and fails unless it holds n distinct tokens.
+func checkDistinct(t *testing.T, toks <-chan string, n int) {
+	t.Helper()
+	seen := map[string]bool{}
+	for tok := range toks {
+		if seen[tok] {
+			t.Fatalf("one-shot credential %q handed to two callers", tok)
+		}
+		seen[tok] = true
+	}
+	if len(seen) != n {
+		t.Fatalf("%d credentials for %d callers", len(seen), n)
+	}
 }
 
 func TestCacheCopiesFields(t *testing.T) {

@@ -104,7 +104,7 @@ func TestValidateRef(t *testing.T) {
 		{"env:HOME", true},
 		{"env:_X1", true},
 		{"env:NEVER_SET_ANYWHERE_12345", true}, // syntax only: not read
-		{"file:/does/not/exist", true},          // syntax only: not read
+		{"file:/does/not/exist", true},         // syntax only: not read
 		{"file:relative/path", true},
 		{"env:", false},
 		{"env:9X", false},

@@ -165,6 +165,9 @@ func (p *Proxy) onRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Request
 		return r, errorResponse(r, broker.NewError(broker.CodeInternal, "internal error", nil), "")
 	}
 	stripHopByHop(r.Header)
+	// Declared trailers would reach the upstream after injection, outside
+	// the slot the injector owns; they are not forwarded.
+	r.Trailer = nil
 	t := broker.Target{
 		Phase:    broker.PhaseRequest,
 		Protocol: r.URL.Scheme,
