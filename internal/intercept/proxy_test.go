@@ -576,3 +576,32 @@ func TestMethodsRefused(t *testing.T) {
 		t.Fatal("a refused method reached the upstream")
 	}
 }
+
+func TestTrailersNotForwarded(t *testing.T) {
+	var trailerAuth atomic.Value
+	trailerAuth.Store("")
+	up := &recorder{}
+	up.srv = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.ReadAll(r.Body)
+		trailerAuth.Store(r.Trailer.Get("Authorization"))
+		up.ServeHTTP(w, r)
+	}))
+	t.Cleanup(up.srv.Close)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
+	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
+	c, _, resp := h.connect(authority)
+	wantStatus(t, resp, http.StatusOK, "")
+	tc, err := h.tlsOver(c, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := h.rawRequest(tc, "POST / HTTP/1.1\r\nHost: "+authority+"\r\nTransfer-Encoding: chunked\r\nTrailer: Authorization\r\n\r\n"+
+		"3\r\nabc\r\n0\r\nAuthorization: Bearer SMUGGLED\r\n\r\n")
+	wantStatus(t, got, http.StatusOK, "")
+	if v := trailerAuth.Load().(string); v != "" {
+		t.Fatalf("a workload trailer reached the upstream: %q", v)
+	}
+	if a := up.auths[0]; len(a) != 1 || a[0] != "Bearer "+h.canary {
+		t.Fatal("upstream did not get exactly the injected Authorization")
+	}
+}
