@@ -6,7 +6,10 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"hash"
+	"io"
 	"sort"
+	"sync"
 	"time"
 )
 
@@ -74,14 +77,14 @@ type Source interface {
 // Fingerprinter names a credential in the audit log without revealing it: a
 // truncated HMAC under a key that lives only in this process.
 type Fingerprinter struct {
-	key []byte
+	macs sync.Pool // keyed hash.Hash, reset per use: no per-request allocation
 }
 
 // NewFingerprinter draws a fresh per-process key.
 func NewFingerprinter() *Fingerprinter {
 	k := make([]byte, 32)
 	_, _ = rand.Read(k) // crypto/rand.Read never fails on supported platforms
-	return &Fingerprinter{key: k}
+	return &Fingerprinter{macs: sync.Pool{New: func() any { return hmac.New(sha256.New, k) }}}
 }
 
 // Fingerprint returns 16 hex characters identifying the credential's values.
@@ -89,17 +92,18 @@ func (f *Fingerprinter) Fingerprint(c Credential) string {
 	if f == nil || len(c.Fields) == 0 {
 		return ""
 	}
-	names := make([]string, 0, len(c.Fields))
+	var one [1]string
+	names := one[:0]
 	for n := range c.Fields {
 		names = append(names, n)
 	}
 	sort.Strings(names)
-	m := hmac.New(sha256.New, f.key)
+	m := f.macs.Get().(hash.Hash)
+	defer f.macs.Put(m)
+	m.Reset()
+	var sum [sha256.Size]byte
 	for _, n := range names {
-		m.Write([]byte(n))
-		m.Write([]byte{0})
-		m.Write([]byte(c.Fields[n].Reveal()))
-		m.Write([]byte{0})
+		_, _ = io.WriteString(m, lengthPrefixed(n, c.Fields[n].Reveal()))
 	}
-	return hex.EncodeToString(m.Sum(nil)[:8])
+	return hex.EncodeToString(m.Sum(sum[:0])[:8])
 }

@@ -75,7 +75,7 @@ func (c *Config) compileRules(clock broker.Clock) (*rules.Set, Problems) {
 			AllowPlaintext: r.AllowPlaintext,
 			Pos:            rules.Pos{File: c.Path, Line: c.line("rules", i)},
 		}
-		if r.Inject != nil {
+		if r.Inject != nil && !r.Inject.As.bad {
 			inj, err := buildInjector(r.Inject.As)
 			if err != nil {
 				ps = append(ps, c.problem(fmt.Sprintf("rule %q: %v", r.Name, err), "rules", i, "inject", "as"))
@@ -84,7 +84,13 @@ func (c *Config) compileRules(clock broker.Clock) (*rules.Set, Problems) {
 		}
 		specs = append(specs, s)
 	}
-	set, errs := rules.Compile(specs, rules.Options{ConnectPorts: c.Egress.ConnectPorts, Clock: clock})
+	var connectPorts []int // bad entries are reported by validate, with their line
+	for _, p := range c.Egress.ConnectPorts {
+		if p >= 1 && p <= 65535 {
+			connectPorts = append(connectPorts, p)
+		}
+	}
+	set, errs := rules.Compile(specs, rules.Options{ConnectPorts: connectPorts, Clock: clock})
 	for _, err := range errs {
 		var ce *rules.CompileError
 		if errors.As(err, &ce) {
@@ -356,11 +362,9 @@ func (c *Config) buildAttestors(m *intercept.Metrics) (broker.Attestor, Problems
 			ps = append(ps, c.problem(err.Error(), "attestors", i))
 			continue
 		}
-		name := a.Name
-		if name == "" {
-			name = a.Type
-		}
-		named = append(named, attest.Named{Name: name, Attestor: cidr})
+		// The chain names failures by method, which is what the
+		// keygate_attestation_failures_total{method} label promises.
+		named = append(named, attest.Named{Name: a.Type, Attestor: cidr})
 	}
 	return attest.NewChain(func(method string) { m.AttestFailures.WithLabelValues(method).Inc() }, named...), ps
 }

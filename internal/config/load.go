@@ -52,6 +52,8 @@ type Config struct {
 	decodeProblems Problems
 }
 
+var quotedValue = regexp.MustCompile("cannot unmarshal (!!\\w+) `[^`]*` into")
+
 var yamlLine = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
 
 // LoadFile reads and decodes path. Relative paths in it resolve against
@@ -73,6 +75,9 @@ func Parse(name, dir string, data []byte) (*Config, error) {
 	var root yaml.Node
 	if err := yaml.Unmarshal(data, &root); err != nil {
 		return nil, c.yamlProblems(err)
+	}
+	if root.Kind == 0 || (root.Kind == yaml.DocumentNode && (len(root.Content) == 0 || root.Content[0].Kind == 0)) {
+		return nil, Problems{{File: name, Line: 1, Msg: "the config is empty"}}
 	}
 	c.root = &root
 	dec := yaml.NewDecoder(bytes.NewReader(data))
@@ -109,6 +114,9 @@ func (c *Config) yamlProblems(err error) Problems {
 			p.Msg = sm[2]
 		}
 		p.Msg = strings.ReplaceAll(p.Msg, " in type config.", " in ")
+		// yaml.v3 quotes the start of a mistyped value; that value may be a
+		// secret pasted where a reference belongs, so never repeat it.
+		p.Msg = quotedValue.ReplaceAllString(p.Msg, "cannot unmarshal $1 value into")
 		ps = append(ps, p)
 	}
 	sort.SliceStable(ps, func(i, j int) bool { return ps[i].Line < ps[j].Line })

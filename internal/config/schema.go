@@ -109,6 +109,7 @@ type InjectAs struct {
 	Header *HeaderAs
 	Query  *QueryAs
 	line   int
+	bad    bool // decoding failed and was reported; build nothing more
 }
 
 // HeaderAs writes a named header from a format.
@@ -125,6 +126,12 @@ type QueryAs struct {
 // UnmarshalYAML accepts the scalar and mapping forms, strictly.
 func (a *InjectAs) UnmarshalYAML(n *yaml.Node) error {
 	a.line = n.Line
+	err := a.decode(n)
+	a.bad = err != nil
+	return err
+}
+
+func (a *InjectAs) decode(n *yaml.Node) error {
 	switch n.Kind {
 	case yaml.ScalarNode:
 		a.Kind = n.Value
@@ -152,7 +159,7 @@ func (a *InjectAs) UnmarshalYAML(n *yaml.Node) error {
 func decodeStrict(n *yaml.Node, out any) error {
 	for i := 0; n.Kind == yaml.MappingNode && i+1 < len(n.Content); i += 2 {
 		if err := knownKey(out, n.Content[i].Value); err != nil {
-			return typeErr("line %d: %v", n.Content[i].Line, err)
+			return typeErr("line %d: inject.as: %v", n.Content[i].Line, err)
 		}
 	}
 	return n.Decode(out)
@@ -160,14 +167,15 @@ func decodeStrict(n *yaml.Node, out any) error {
 
 func knownKey(out any, key string) error {
 	var ok bool
+	want := ""
 	switch out.(type) {
 	case *HeaderAs:
-		ok = key == "name" || key == "format"
+		ok, want = key == "name" || key == "format", "header takes name and format"
 	case *QueryAs:
-		ok = key == "name"
+		ok, want = key == "name", "query takes name"
 	}
 	if !ok {
-		return fmt.Errorf("unknown key %q", key)
+		return fmt.Errorf("unknown key %q (%s)", key, want)
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"time"
 
 	"github.com/keygate/broker/internal/inject"
 )
@@ -43,6 +44,9 @@ func (c *Config) validate() Problems {
 	case !c.CA.Ephemeral && c.CA.CertOut != "":
 		add("ca.cert_out only applies to an ephemeral CA", "ca", "cert_out")
 	}
+	if d := time.Duration(c.CA.LeafLifetime); d > 24*time.Hour {
+		add("ca.leaf_lifetime must be at most 24h", "ca", "leaf_lifetime")
+	}
 	if c.CA.LeafCacheSize < 0 {
 		add("ca.leaf_cache_size must not be negative", "ca", "leaf_cache_size")
 	}
@@ -53,6 +57,9 @@ func (c *Config) validate() Problems {
 	for i, a := range c.Attestors {
 		switch a.Type {
 		case "cidr":
+			if a.TrustDomain != "" || a.Bundle != "" || a.Issuer != "" || len(a.Audiences) > 0 {
+				add("attestors: cidr takes only name and identities", "attestors", i)
+			}
 			if len(a.Identities) == 0 {
 				add("attestors: cidr needs identities", "attestors", i)
 			}
@@ -105,9 +112,8 @@ func (c *Config) validate() Problems {
 		if r.Inject == nil {
 			continue
 		}
-		if r.Inject.Credential == "" {
-			add(fmt.Sprintf("rule %q: inject.credential is required", r.Name), "rules", i, "inject")
-		} else if _, ok := c.Credentials[r.Inject.Credential]; !ok {
+		// An empty name is reported by the rule compiler.
+		if _, ok := c.Credentials[r.Inject.Credential]; r.Inject.Credential != "" && !ok {
 			add(fmt.Sprintf("rule %q: credential %q is not defined under credentials", r.Name, r.Inject.Credential), "rules", i, "inject", "credential")
 		}
 	}

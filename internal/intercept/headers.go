@@ -9,10 +9,12 @@ import (
 	"github.com/keygate/broker/internal/broker"
 )
 
-// hopByHop are never forwarded (RFC 9110 §7.6.1), plus proxy credentials.
-var hopByHop = []string{
-	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
-	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+// hopByHop are never forwarded (RFC 9110 §7.6.1), plus proxy credentials;
+// lower-case for a single-pass, case-insensitive strip.
+var hopByHop = map[string]bool{
+	"connection": true, "proxy-connection": true, "keep-alive": true, "proxy-authenticate": true,
+	"proxy-authorization": true, "te": true, "trailer": true, "transfer-encoding": true, "upgrade": true,
+	"x-forwarded-client-cert": true,
 }
 
 // internalPrefixes name headers only keygate (or another trusted hop) may
@@ -24,6 +26,7 @@ var internalPrefixes = []string{"x-keygate-", "x-broker-"}
 // before injection so a workload cannot use Connection to drop the injected
 // credential, and cannot smuggle its own.
 func stripHopByHop(h http.Header) {
+	var named map[string]bool // tokens listed in Connection, lower-case
 	for k, vs := range h {
 		if !strings.EqualFold(k, "Connection") {
 			continue
@@ -31,34 +34,29 @@ func stripHopByHop(h http.Header) {
 		for _, v := range vs {
 			for _, tok := range strings.Split(v, ",") {
 				if tok = strings.TrimSpace(tok); tok != "" {
-					delFold(h, tok)
+					if named == nil {
+						named = map[string]bool{}
+					}
+					named[strings.ToLower(tok)] = true
 				}
 			}
 		}
 	}
-	for _, name := range hopByHop {
-		delFold(h, name)
-	}
 	for k := range h {
 		lk := strings.ToLower(k)
-		if lk == "x-forwarded-client-cert" {
+		if hopByHop[lk] || named[lk] || hasInternalPrefix(lk) {
 			delete(h, k)
-			continue
-		}
-		for _, p := range internalPrefixes {
-			if strings.HasPrefix(lk, p) {
-				delete(h, k)
-			}
 		}
 	}
 }
 
-func delFold(h http.Header, name string) {
-	for k := range h {
-		if strings.EqualFold(k, name) {
-			delete(h, k)
+func hasInternalPrefix(lk string) bool {
+	for _, p := range internalPrefixes {
+		if strings.HasPrefix(lk, p) {
+			return true
 		}
 	}
+	return false
 }
 
 // checkInbound rejects request shapes that a later hop could read
