@@ -7,6 +7,7 @@ import (
 	"github.com/google/cel-go/cel"
 	"github.com/google/cel-go/checker"
 	"github.com/google/cel-go/common/ast"
+	"github.com/google/cel-go/interpreter"
 
 	"github.com/keygate/broker/internal/broker"
 )
@@ -136,7 +137,51 @@ func usesOnlyConnectFields(a *cel.Ast) bool {
 
 // vars builds the activation for one decision. Absent parts are empty maps,
 // so `has(workload.claims.x)` works for every workload.
-func vars(id broker.Identity, t broker.Target, now time.Time, connect bool) map[string]any {
+// lazyVars resolves the top-level CEL variables on first use, so a rule
+// that reads only request fields does not pay for the workload, process and
+// delegator maps. It implements interpreter.Activation; it is built per
+// evaluation and not shared across goroutines.
+type lazyVars struct {
+	id      broker.Identity
+	t       broker.Target
+	now     time.Time
+	connect bool
+	cache   map[string]any
+}
+
+func vars(id broker.Identity, t broker.Target, now time.Time, connect bool) *lazyVars {
+	return &lazyVars{id: id, t: t, now: now, connect: connect}
+}
+
+// ResolveName implements interpreter.Activation.
+func (v *lazyVars) ResolveName(name string) (any, bool) {
+	if x, ok := v.cache[name]; ok {
+		return x, true
+	}
+	var x any
+	switch name {
+	case varWorkload:
+		x = workloadVar(v.id)
+	case varDelegator:
+		x = delegatorVar(v.id)
+	case varRequest:
+		x = requestVar(v.t, v.connect)
+	case varNow:
+		x = v.now
+	default:
+		return nil, false
+	}
+	if v.cache == nil {
+		v.cache = make(map[string]any, 4)
+	}
+	v.cache[name] = x
+	return x, true
+}
+
+// Parent implements interpreter.Activation.
+func (v *lazyVars) Parent() interpreter.Activation { return nil }
+
+func workloadVar(id broker.Identity) map[string]any {
 	claims := id.Claims
 	if claims == nil {
 		claims = map[string]any{}
@@ -152,14 +197,27 @@ func vars(id broker.Identity, t broker.Target, now time.Time, connect bool) map[
 			"container_id": p.ContainerID,
 		}
 	}
-	delegator := map[string]any{}
-	if id.Delegator.Sub != "" {
-		dc := id.Delegator.Claims
-		if dc == nil {
-			dc = map[string]any{}
-		}
-		delegator = map[string]any{"sub": id.Delegator.Sub, "claims": dc}
+	return map[string]any{
+		"id":           id.ID,
+		"method":       id.Method,
+		"trust_domain": id.TrustDomain,
+		"claims":       claims,
+		"process":      process,
 	}
+}
+
+func delegatorVar(id broker.Identity) map[string]any {
+	if id.Delegator.Sub == "" {
+		return map[string]any{}
+	}
+	dc := id.Delegator.Claims
+	if dc == nil {
+		dc = map[string]any{}
+	}
+	return map[string]any{"sub": id.Delegator.Sub, "claims": dc}
+}
+
+func requestVar(t broker.Target, connect bool) map[string]any {
 	request := map[string]any{
 		keyProtocol: t.Protocol,
 		keyHost:     t.Host,
@@ -179,16 +237,5 @@ func vars(id broker.Identity, t broker.Target, now time.Time, connect bool) map[
 		request[keyDatabase] = t.Database
 		request[keyUser] = t.User
 	}
-	return map[string]any{
-		varWorkload: map[string]any{
-			"id":           id.ID,
-			"method":       id.Method,
-			"trust_domain": id.TrustDomain,
-			"claims":       claims,
-			"process":      process,
-		},
-		varDelegator: delegator,
-		varRequest:   request,
-		varNow:       now,
-	}
+	return request
 }
