@@ -176,7 +176,9 @@ func (p *Proxy) onRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Request
 		Method:   r.Method,
 		Path:     r.URL.Path,
 		Query:    r.URL.RawQuery,
-		Headers:  ruleHeaders(r.Header),
+	}
+	if p.policyUsesHeaders() {
+		t.Headers = ruleHeaders(r.Header)
 	}
 	d, cred, err := p.opts.Pipeline.Authorize(r.Context(), x.identity, t, r)
 	x.rec.Rule = d.Rule
@@ -209,4 +211,13 @@ func (p *Proxy) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Res
 	}
 	resp.Header.Set(HeaderRequestID, x.rec.RequestID)
 	return resp
+}
+
+// headerReader is implemented by policies that can say whether any rule
+// reads request headers; building the map is skipped when none does.
+type headerReader interface{ UsesHeaders() bool }
+
+func (p *Proxy) policyUsesHeaders() bool {
+	hr, ok := p.opts.Pipeline.Policy.(headerReader)
+	return !ok || hr.UsesHeaders()
 }

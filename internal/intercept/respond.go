@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 
 	"github.com/keygate/broker/internal/broker"
 	"github.com/keygate/broker/internal/intercept/egress"
@@ -24,10 +25,20 @@ const (
 	HeaderError     = "X-Keygate-Error"
 )
 
+// Request ids are a random per-process prefix and a counter: unique and
+// cheap. They identify a request in the audit log; they are not secrets.
+var (
+	requestIDPrefix = func() string {
+		b := make([]byte, 8)
+		_, _ = rand.Read(b)
+		return hex.EncodeToString(b)
+	}()
+	requestIDSeq atomic.Uint64
+)
+
 func newRequestID() string {
-	b := make([]byte, 12)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
+	var b [16]byte
+	return requestIDPrefix + string(strconv.AppendUint(b[:0], requestIDSeq.Add(1)+1<<40, 16)[1:])
 }
 
 type errorBody struct {

@@ -98,7 +98,12 @@ type Set struct {
 	httpPorts    []int
 	clock        broker.Clock
 	unknowns     []*cel.AttributePatternType
+	usesHeaders  bool
 }
+
+// UsesHeaders reports whether any rule's `when` may read request.headers,
+// so callers can skip building the header map when none does.
+func (s *Set) UsesHeaders() bool { return s != nil && s.usesHeaders }
 
 // Len is the number of rules.
 func (s *Set) Len() int { return len(s.rules) }
@@ -137,6 +142,8 @@ func Compile(specs []Spec, opts Options) (*Set, []error) {
 	}
 	seen := map[string]int{}
 	for i, sp := range specs {
+		// Conservative: any mention (even in a string) counts as a use.
+		s.usesHeaders = s.usesHeaders || strings.Contains(sp.When, "headers")
 		r, rerrs := compileRule(env, i, sp, opts.CostLimit)
 		if sp.Name != "" {
 			if first, dup := seen[sp.Name]; dup {
