@@ -100,6 +100,9 @@ func (p *Proxy) checkLiteral(host string, port int) error {
 
 func evidence(listener string, r *http.Request) broker.Evidence {
 	ev := broker.Evidence{Listener: listener, TLS: r.TLS}
+	if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
+		ev.Conn = c
+	}
 	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
 		ev.Remote = ap
 	}

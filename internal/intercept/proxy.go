@@ -119,6 +119,9 @@ func New(o Options) (*Proxy, error) {
 		MaxHeaderBytes:    p.limits.MaxHeaderBytes,
 		ErrorLog:          httpErrorLog(p.log),
 		ConnState:         p.trackConnState,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, connKey{}, c)
+		},
 	}
 	return p, nil
 }
@@ -168,6 +171,10 @@ func (p *Proxy) newGoproxy() *goproxy.ProxyHttpServer {
 	gp.OnResponse().DoFunc(p.onResponse)
 	return gp
 }
+
+// connKey carries the accepted connection to attestors that need it (peer
+// credentials of the process behind a local socket).
+type connKey struct{}
 
 type goproxyLogger struct{ log *zap.Logger }
 
