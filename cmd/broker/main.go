@@ -227,14 +227,29 @@ func cmdExplain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "broker explain: --config, --identity and --url are required")
 		return exitUsage
 	}
+	// The identity shapes rules see (DESIGN.md §6), for every attestor.
 	var idIn struct {
 		ID          string         `json:"id"`
 		Method      string         `json:"method"`
 		TrustDomain string         `json:"trust_domain"`
 		Claims      map[string]any `json:"claims"`
+		Process     *struct {
+			PID         int    `json:"pid"`
+			UID         int    `json:"uid"`
+			GID         int    `json:"gid"`
+			Exe         string `json:"exe"`
+			SHA256      string `json:"sha256"`
+			ContainerID string `json:"container_id"`
+		} `json:"process"`
+		Delegator *struct {
+			Sub    string         `json:"sub"`
+			Claims map[string]any `json:"claims"`
+		} `json:"delegator"`
 	}
-	if err := json.Unmarshal([]byte(*idJSON), &idIn); err != nil || idIn.ID == "" || idIn.Method == "" {
-		fmt.Fprintln(stderr, `broker explain: --identity must be JSON with at least "id" and "method"`)
+	dec := json.NewDecoder(strings.NewReader(*idJSON))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&idIn); err != nil || idIn.ID == "" || idIn.Method == "" {
+		fmt.Fprintln(stderr, `broker explain: --identity must be JSON with at least "id" and "method" (and optionally trust_domain, claims, process, delegator)`)
 		return exitInput
 	}
 	u, err := url.Parse(*rawURL)
@@ -261,6 +276,12 @@ func cmdExplain(args []string, stdout, stderr io.Writer) int {
 		return exitInput
 	}
 	id := broker.Identity{ID: idIn.ID, Method: idIn.Method, TrustDomain: idIn.TrustDomain, Claims: idIn.Claims}
+	if p := idIn.Process; p != nil {
+		id.Process = &broker.ProcessInfo{PID: p.PID, UID: p.UID, GID: p.GID, Exe: p.Exe, SHA256: p.SHA256, ContainerID: p.ContainerID}
+	}
+	if d := idIn.Delegator; d != nil {
+		id.Delegator = broker.Delegator{Sub: d.Sub, Claims: d.Claims}
+	}
 	t := broker.Target{Phase: broker.PhaseRequest, Protocol: u.Scheme, Host: host, Port: port,
 		Method: strings.ToUpper(*method), Path: u.EscapedPath(), Query: u.RawQuery, Headers: map[string]string{}}
 	ex := pol.Rules.Explain(id, t)

@@ -2,6 +2,7 @@ package config
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -149,6 +150,8 @@ type Runtime struct {
 	admin     *http.Server
 	demo      *demoServer
 	readyFlag func() bool
+	// stopAttestors ends attestors' background work (key refreshes).
+	stopAttestors context.CancelFunc
 }
 
 // Build validates the file and composes the broker. On error nothing is
@@ -198,12 +201,17 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 
 	sources, sps := c.buildSources(o.Clock, credMetrics)
 	ps = append(ps, sps...)
-	chain, aps := c.buildAttestors(metrics)
-	ps = append(ps, aps...)
 	roots, err := c.upstreamRoots(authority)
 	if err != nil {
 		ps = append(ps, c.problem(err.Error(), "egress", "ca_bundle"))
 	}
+	var attestCtx context.Context
+	attestCtx, rt.stopAttestors = context.WithCancel(context.Background())
+	if o.DryRun {
+		rt.stopAttestors() // validate contacts no issuer: no background key fetch
+	}
+	chain, readyChecks, aps := c.buildAttestors(attestCtx, metrics, roots, o.Clock)
+	ps = append(ps, aps...)
 	if len(ps) > 0 {
 		return nil, sortProblems(ps)
 	}
@@ -258,7 +266,16 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 	if err != nil {
 		return nil, err
 	}
-	rt.readyFlag = func() bool { return true } // everything is loaded before Build returns
+	// The CA, rules and secrets are loaded before Build returns; fetched
+	// trust material (OIDC keys) must have arrived at least once.
+	rt.readyFlag = func() bool {
+		for _, r := range readyChecks {
+			if !r() {
+				return false
+			}
+		}
+		return true
+	}
 	return rt, nil
 }
 
@@ -346,27 +363,66 @@ func (c *Config) resolveRef(ref string) string {
 	return ref
 }
 
-func (c *Config) buildAttestors(m *intercept.Metrics) (broker.Attestor, Problems) {
+// buildAttestors composes the chain in file order. It also returns the
+// readiness checks of attestors whose trust material is fetched (OIDC keys).
+func (c *Config) buildAttestors(ctx context.Context, m *intercept.Metrics, roots *x509.CertPool, clock broker.Clock) (broker.Attestor, []func() bool, Problems) {
 	var ps Problems
 	var named []attest.Named
+	var ready []func() bool
 	for i, a := range c.Attestors {
-		if a.Type != "cidr" {
+		var at broker.Attestor
+		var err error
+		switch a.Type {
+		case "cidr":
+			entries := make([]attest.CIDREntry, 0, len(a.Identities))
+			for _, id := range a.Identities {
+				entries = append(entries, attest.CIDREntry{ID: id.ID, CIDRs: mustPrefixes(id.CIDRs)})
+			}
+			at, err = attest.NewCIDR(entries)
+		case "oidc":
+			name := a.Name
+			if name == "" {
+				name = a.Type
+			}
+			var o *attest.OIDC
+			o, err = attest.NewOIDC(ctx, attest.OIDCOptions{
+				Name: name, Issuer: a.Issuer, Audiences: a.Audiences, Algorithms: a.Algorithms,
+				HTTPClient: ownClient(roots), Clock: clock,
+			})
+			if err == nil {
+				at = o
+				ready = append(ready, o.Ready)
+			}
+		case "process":
+			at, err = attest.NewProcess(attest.ProcessOptions{Clock: clock})
+		default:
 			continue // validate reported it
 		}
-		entries := make([]attest.CIDREntry, 0, len(a.Identities))
-		for _, id := range a.Identities {
-			entries = append(entries, attest.CIDREntry{ID: id.ID, CIDRs: mustPrefixes(id.CIDRs)})
-		}
-		cidr, err := attest.NewCIDR(entries)
 		if err != nil {
 			ps = append(ps, c.problem(err.Error(), "attestors", i))
 			continue
 		}
 		// The chain names failures by method, which is what the
 		// keygate_attestation_failures_total{method} label promises.
-		named = append(named, attest.Named{Name: a.Type, Attestor: cidr})
+		named = append(named, attest.Named{Name: a.Type, Attestor: at})
 	}
-	return attest.NewChain(func(method string) { m.AttestFailures.WithLabelValues(method).Inc() }, named...), ps
+	return attest.NewChain(func(method string) { m.AttestFailures.WithLabelValues(method).Inc() }, named...), ready, ps
+}
+
+// ownClient is the HTTP client for the broker's own calls (OIDC discovery
+// and keys): never an environment proxy, verified TLS, bounded time, and no
+// redirects followed.
+func ownClient(roots *x509.CertPool) *http.Client {
+	return &http.Client{
+		Timeout: 10 * time.Second,
+		Transport: &http.Transport{
+			Proxy:               nil,
+			TLSClientConfig:     &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
+			TLSHandshakeTimeout: 5 * time.Second,
+			MaxIdleConnsPerHost: 2,
+		},
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
 }
 
 // Run serves until ctx ends, then shuts down gracefully.
@@ -400,6 +456,7 @@ func (rt *Runtime) Run(ctx context.Context) error {
 	if rt.demo != nil {
 		rt.demo.close()
 	}
+	rt.stopAttestors()
 	return err
 }
 
@@ -411,5 +468,8 @@ func (rt *Runtime) closeListeners() {
 	}
 	if rt.demo != nil {
 		rt.demo.close()
+	}
+	if rt.stopAttestors != nil {
+		rt.stopAttestors()
 	}
 }

@@ -49,6 +49,7 @@ type Attestor struct {
 	Bundle      string         `yaml:"bundle"`
 	Issuer      string         `yaml:"issuer"`
 	Audiences   []string       `yaml:"audiences"`
+	Algorithms  []string       `yaml:"algorithms"`
 	Identities  []CIDRIdentity `yaml:"identities"`
 }
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"net/url"
 	"strings"
 	"time"
 
@@ -57,7 +58,7 @@ func (c *Config) validate() Problems {
 	for i, a := range c.Attestors {
 		switch a.Type {
 		case "cidr":
-			if a.TrustDomain != "" || a.Bundle != "" || a.Issuer != "" || len(a.Audiences) > 0 {
+			if a.TrustDomain != "" || a.Bundle != "" || a.Issuer != "" || len(a.Audiences) > 0 || len(a.Algorithms) > 0 {
 				add("attestors: cidr takes only name and identities", "attestors", i)
 			}
 			if len(a.Identities) == 0 {
@@ -73,12 +74,43 @@ func (c *Config) validate() Problems {
 					}
 				}
 			}
-		case "spiffe", "oidc", "process":
+		case "oidc":
+			if a.TrustDomain != "" || a.Bundle != "" || len(a.Identities) > 0 {
+				add("attestors: oidc takes only name, issuer, audiences and algorithms", "attestors", i)
+			}
+			if err := checkIssuer(a.Issuer); err != nil {
+				add("attestors: oidc issuer: "+err.Error(), "attestors", i, "issuer")
+			}
+			if len(a.Audiences) == 0 {
+				add("attestors: oidc needs audiences (the aud your tokens are minted for, e.g. keygate)", "attestors", i)
+			}
+			for j, alg := range a.Algorithms {
+				if !allowedAlgs[alg] {
+					add(fmt.Sprintf("attestors: oidc algorithm %q is not allowed (use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, ES512 or EdDSA)", alg), "attestors", i, "algorithms", j)
+				}
+			}
+		case "process":
+			if a.TrustDomain != "" || a.Bundle != "" || a.Issuer != "" || len(a.Audiences) > 0 || len(a.Identities) > 0 || len(a.Algorithms) > 0 {
+				add("attestors: process takes only name", "attestors", i)
+			}
+		case "spiffe":
 			add(fmt.Sprintf("attestor type %q %s", a.Type, notInThisBuild), "attestors", i, "type")
 		case "":
 			add("attestors: type is required", "attestors", i)
 		default:
 			add(fmt.Sprintf("attestors: unknown type %q (want spiffe, oidc, process or cidr)", a.Type), "attestors", i, "type")
+		}
+	}
+	names := map[string]int{}
+	for i, a := range c.Attestors {
+		if a.Name == "" {
+			continue
+		}
+		n := a.Name
+		if first, dup := names[n]; dup {
+			add(fmt.Sprintf("attestors: name %q is used twice (first at entry %d); give each attestor its own name", n, first+1), "attestors", i)
+		} else {
+			names[n] = i
 		}
 	}
 	if c.Delegation != nil {
@@ -179,4 +211,32 @@ func checkListenAddr(a string) error {
 		return fmt.Errorf("%q: bad port", a)
 	}
 	return nil
+}
+
+// allowedAlgs are the asymmetric JWS algorithms; "none" and HMAC never are.
+var allowedAlgs = map[string]bool{
+	"RS256": true, "RS384": true, "RS512": true, "PS256": true, "PS384": true, "PS512": true,
+	"ES256": true, "ES384": true, "ES512": true, "EdDSA": true,
+}
+
+// checkIssuer wants an https URL; plain http only for a loopback issuer
+// (local tests and sidecar issuers), since keys fetched in clear could be
+// swapped.
+func checkIssuer(s string) error {
+	if s == "" {
+		return fmt.Errorf("is required")
+	}
+	u, err := url.Parse(s)
+	if err != nil || u.Host == "" || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
+		return fmt.Errorf("%q is not an issuer URL", s)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if ip, err := netip.ParseAddr(u.Hostname()); (err == nil && ip.IsLoopback()) || u.Hostname() == "localhost" {
+			return nil
+		}
+	}
+	return fmt.Errorf("%q must be https (http only for a loopback issuer)", s)
 }
