@@ -9,6 +9,7 @@ import (
 // Error codes the workload sees in X-Keygate-Error and the JSON body.
 const (
 	CodeUnauthenticated       = "unauthenticated"
+	CodeAttestUnavailable     = "attestation_unavailable"
 	CodeDenied                = "denied"
 	CodeEgressDenied          = "egress_denied"
 	CodePortDenied            = "port_denied"
@@ -28,6 +29,7 @@ const (
 
 var codeStatus = map[string]int{
 	CodeUnauthenticated:       http.StatusProxyAuthRequired,
+	CodeAttestUnavailable:     http.StatusServiceUnavailable,
 	CodeDenied:                http.StatusForbidden,
 	CodeEgressDenied:          http.StatusForbidden,
 	CodePortDenied:            http.StatusForbidden,

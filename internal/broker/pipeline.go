@@ -30,7 +30,9 @@ func (p *Pipeline) Attest(ctx context.Context, ev Evidence) (Identity, error) {
 	case errors.Is(err, ErrInvalidEvidence):
 		return Identity{}, NewError(CodeUnauthenticated, "caller evidence was rejected", err)
 	case err != nil:
-		return Identity{}, NewError(CodeUnauthenticated, "attestation failed", err)
+		// The attestor could not decide (an issuer's keys are unreachable):
+		// the caller is not at fault and may retry.
+		return Identity{}, &Error{Code: CodeAttestUnavailable, Message: "caller attestation is unavailable", RetryAfter: 5 * time.Second, Err: err}
 	case id.IsZero():
 		return Identity{}, NewError(CodeUnauthenticated, "caller could not be attested", nil)
 	}
