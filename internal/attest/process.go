@@ -170,17 +170,33 @@ func NewProcess(o ProcessOptions) (*Process, error) {
 // Attest implements broker.Attestor. It applies to Unix-socket peers and to
 // TCP callers whose address is loopback or one of this host's; for anyone
 // else it returns ErrNoEvidence.
+//
+// Evidence.Conn should be the accepted connection (wrappers with a NetConn
+// method, such as *tls.Conn, are looked through). When it is a *net.TCPConn
+// and Evidence.Remote names another address (the caller came through a
+// proxy that reported its own client), the attestor does not apply: the
+// process at the other end of the socket is the proxy, not the caller.
+// Evidence.Local may be the broker's address or, in transparent mode, the
+// original destination; both are tried, and so is SO_ORIGINAL_DST.
 func (p *Process) Attest(ctx context.Context, ev broker.Evidence) (broker.Identity, error) {
 	conn := unwrapNetConn(ev.Conn)
-	if _, ok := conn.(*net.UnixConn); ok {
-		return p.attestUnix(ctx, conn.(*net.UnixConn))
+	if uc, ok := conn.(*net.UnixConn); ok {
+		return p.attestUnix(ctx, uc)
 	}
-	remote, local := ev.Remote, ev.Local
-	if tc, ok := conn.(*net.TCPConn); ok && !remote.IsValid() {
-		remote = tcpAddrPort(tc.RemoteAddr())
-		local = tcpAddrPort(tc.LocalAddr())
+	remote, local, sockLocal := ev.Remote, ev.Local, ev.Local
+	if tc, ok := conn.(*net.TCPConn); ok {
+		connRemote := tcpAddrPort(tc.RemoteAddr())
+		if !remote.IsValid() {
+			remote = connRemote
+		} else if !sameTCPAddr(remote, connRemote) {
+			return broker.Identity{}, broker.ErrNoEvidence
+		}
+		if !local.IsValid() {
+			local = tcpAddrPort(tc.LocalAddr())
+		}
+		sockLocal = tcpAddrPort(tc.LocalAddr())
 	}
-	if !remote.IsValid() || !p.isLocal(remote.Addr(), local.Addr()) {
+	if !remote.IsValid() || !p.isLocal(remote.Addr(), sockLocal.Addr()) {
 		return broker.Identity{}, broker.ErrNoEvidence
 	}
 	return p.attestTCP(ctx, remote, local, conn)
@@ -240,7 +256,7 @@ func (p *Process) isLocal(remote, local netip.Addr) bool {
 	return ok
 }
 
-// identity builds the broker identity from verified process details.
+// processIdentity builds the broker identity from verified process details.
 func processIdentity(info *broker.ProcessInfo, podUID string) broker.Identity {
 	id := broker.Identity{
 		ID:      "unix:uid:" + strconv.Itoa(info.UID),
@@ -254,7 +270,7 @@ func processIdentity(info *broker.ProcessInfo, podUID string) broker.Identity {
 }
 
 func processInvalid(format string, args ...any) error {
-	return fmt.Errorf("process: "+format+": %w", append(args, broker.ErrInvalidEvidence)...)
+	return fmt.Errorf("attest: process: "+format+": %w", append(args, broker.ErrInvalidEvidence)...)
 }
 
 // --- /proc/net/tcp{,6} -------------------------------------------------------
@@ -308,12 +324,12 @@ func parseProcNetTCPLine(line []byte, order binary.ByteOrder) (procNetEntry, boo
 // parseHexAddrPort parses "0100007F:1F90" (IPv4) or a 32-hex-digit IPv6 form.
 func parseHexAddrPort(b []byte, order binary.ByteOrder) (netip.AddrPort, bool) {
 	i := bytes.IndexByte(b, ':')
-	if i < 0 || len(b)-i-1 != 4 {
+	if (i != 8 && i != 32) || len(b)-i-1 != 4 {
 		return netip.AddrPort{}, false
 	}
 	var raw [16]byte
 	n, err := hex.Decode(raw[:], b[:i])
-	if err != nil || (n != 4 && n != 16) || i != 2*n {
+	if err != nil {
 		return netip.AddrPort{}, false
 	}
 	var addr [16]byte

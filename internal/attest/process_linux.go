@@ -160,12 +160,12 @@ func (p *Process) procNetLookup(remote netip.AddrPort, peers []netip.AddrPort) (
 			continue // no IPv6 in this kernel
 		}
 		if err != nil {
-			return peerSocket{}, fmt.Errorf("process: %w", err)
+			return peerSocket{}, fmt.Errorf("attest: process: %w", err)
 		}
 		e, ok, err := findProcNetSocket(f, binary.NativeEndian, remote, peers)
 		f.Close()
 		if err != nil {
-			return peerSocket{}, fmt.Errorf("process: reading /proc/net/%s: %w", name, err)
+			return peerSocket{}, fmt.Errorf("attest: process: reading /proc/net/%s: %w", name, err)
 		}
 		if ok {
 			return peerSocket{inode: e.inode, uid: e.uid}, nil
@@ -186,12 +186,12 @@ const (
 func (p *Process) diagLookup(src netip.AddrPort, dsts []netip.AddrPort) (peerSocket, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
 	if err != nil {
-		return peerSocket{}, fmt.Errorf("process: netlink socket: %w", err)
+		return peerSocket{}, fmt.Errorf("attest: process: netlink socket: %w", err)
 	}
 	defer unix.Close(fd)
 	tv := unix.Timeval{Sec: 1}
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		return peerSocket{}, fmt.Errorf("process: netlink: %w", err)
+		return peerSocket{}, fmt.Errorf("attest: process: netlink: %w", err)
 	}
 	src = netip.AddrPortFrom(src.Addr().Unmap().WithZone(""), src.Port())
 	for _, dst := range dsts {
@@ -237,7 +237,7 @@ func (p *Process) diagQuery(fd int, src, dst netip.AddrPort) (peerSocket, error)
 			continue
 		}
 		if err != nil {
-			return peerSocket{}, fmt.Errorf("process: netlink send: %w", err)
+			return peerSocket{}, fmt.Errorf("attest: process: netlink send: %w", err)
 		}
 		break
 	}
@@ -248,34 +248,34 @@ func (p *Process) diagQuery(fd int, src, dst netip.AddrPort) (peerSocket, error)
 			continue
 		}
 		if err != nil {
-			return peerSocket{}, fmt.Errorf("process: netlink receive: %w", err)
+			return peerSocket{}, fmt.Errorf("attest: process: netlink receive: %w", err)
 		}
 		b := buf[:n]
 		if len(b) < unix.SizeofNlMsghdr {
-			return peerSocket{}, errors.New("process: netlink: short reply")
+			return peerSocket{}, errors.New("attest: process: netlink: short reply")
 		}
 		l, typ, rseq := ne.Uint32(b[0:]), ne.Uint16(b[4:]), ne.Uint32(b[8:])
 		if rseq != seq {
 			continue // not ours (cannot happen on a private socket)
 		}
 		if int(l) > len(b) || l < unix.SizeofNlMsghdr {
-			return peerSocket{}, errors.New("process: netlink: bad reply length")
+			return peerSocket{}, errors.New("attest: process: netlink: bad reply length")
 		}
 		b = b[unix.SizeofNlMsghdr:l]
 		switch typ {
 		case unix.NLMSG_ERROR:
 			if len(b) < 4 {
-				return peerSocket{}, errors.New("process: netlink: short error")
+				return peerSocket{}, errors.New("attest: process: netlink: short error")
 			}
 			errno := unix.Errno(-int32(ne.Uint32(b)))
 			if errno == unix.ENOENT {
 				return peerSocket{}, errSockNotFound
 			}
-			return peerSocket{}, fmt.Errorf("process: netlink: %w", errno)
+			return peerSocket{}, fmt.Errorf("attest: process: netlink: %w", errno)
 		case unix.SOCK_DIAG_BY_FAMILY:
 			return parseDiagMsg(b, src, dst)
 		default:
-			return peerSocket{}, fmt.Errorf("process: netlink: unexpected message type %d", typ)
+			return peerSocket{}, fmt.Errorf("attest: process: netlink: unexpected message type %d", typ)
 		}
 	}
 }
@@ -295,7 +295,7 @@ func putDiagAddr(dst []byte, a netip.Addr) {
 // socket, neither of which belongs to a process.
 func parseDiagMsg(b []byte, src, dst netip.AddrPort) (peerSocket, error) {
 	if len(b) < sizeofInetDiagMsg {
-		return peerSocket{}, errors.New("process: netlink: short inet_diag_msg")
+		return peerSocket{}, errors.New("attest: process: netlink: short inet_diag_msg")
 	}
 	family, state := b[0], b[1]
 	id := b[4:52]
@@ -306,7 +306,7 @@ func parseDiagMsg(b []byte, src, dst netip.AddrPort) (peerSocket, error) {
 	case unix.AF_INET6:
 		gotSrc, gotDst = netip.AddrFrom16([16]byte(id[4:20])), netip.AddrFrom16([16]byte(id[20:36]))
 	default:
-		return peerSocket{}, fmt.Errorf("process: netlink: family %d", family)
+		return peerSocket{}, fmt.Errorf("attest: process: netlink: family %d", family)
 	}
 	got1 := netip.AddrPortFrom(gotSrc, binary.BigEndian.Uint16(id[0:]))
 	got2 := netip.AddrPortFrom(gotDst, binary.BigEndian.Uint16(id[2:]))
@@ -360,7 +360,7 @@ func originalDst(tc *net.TCPConn) (netip.AddrPort, bool) {
 func (p *Process) attestUnix(_ context.Context, uc *net.UnixConn) (broker.Identity, error) {
 	rc, err := uc.SyscallConn()
 	if err != nil {
-		return broker.Identity{}, fmt.Errorf("process: %w", err)
+		return broker.Identity{}, fmt.Errorf("attest: process: %w", err)
 	}
 	var (
 		cred           *unix.Ucred
@@ -373,10 +373,10 @@ func (p *Process) attestUnix(_ context.Context, uc *net.UnixConn) (broker.Identi
 			pidfd, pfErr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PEERPIDFD)
 		}
 	}); err != nil {
-		return broker.Identity{}, fmt.Errorf("process: %w", err)
+		return broker.Identity{}, fmt.Errorf("attest: process: %w", err)
 	}
 	if credErr != nil {
-		return broker.Identity{}, fmt.Errorf("process: SO_PEERCRED: %w", credErr)
+		return broker.Identity{}, fmt.Errorf("attest: process: SO_PEERCRED: %w", credErr)
 	}
 	switch {
 	case pfErr == nil:
@@ -386,7 +386,7 @@ func (p *Process) attestUnix(_ context.Context, uc *net.UnixConn) (broker.Identi
 	case errors.Is(pfErr, unix.ESRCH), errors.Is(pfErr, unix.EINVAL):
 		return broker.Identity{}, processInvalid("unix socket peer %d has exited", cred.Pid)
 	default:
-		return broker.Identity{}, fmt.Errorf("process: SO_PEERPIDFD: %w", pfErr)
+		return broker.Identity{}, fmt.Errorf("attest: process: SO_PEERPIDFD: %w", pfErr)
 	}
 	pid := int(cred.Pid)
 	if pid <= 0 {
@@ -401,7 +401,7 @@ func (p *Process) attestUnix(_ context.Context, uc *net.UnixConn) (broker.Identi
 			return processInvalid("unix socket peer %d has exited", pid)
 		}
 		if err != nil {
-			return fmt.Errorf("process: pidfd: %w", err)
+			return fmt.Errorf("attest: process: pidfd: %w", err)
 		}
 		return nil
 	})
@@ -455,12 +455,12 @@ func (p *Process) findOwner(ctx context.Context, s peerSocket, useCache bool) (o
 
 	d, err := os.Open(p.procRoot)
 	if err != nil {
-		return ownerEntry{}, fmt.Errorf("process: %w", err)
+		return ownerEntry{}, fmt.Errorf("attest: process: %w", err)
 	}
 	defer d.Close()
 	names, err := d.Readdirnames(-1)
 	if err != nil {
-		return ownerEntry{}, fmt.Errorf("process: listing %s: %w", p.procRoot, err)
+		return ownerEntry{}, fmt.Errorf("attest: process: listing %s: %w", p.procRoot, err)
 	}
 	dfd := int(d.Fd())
 	var mine, rootOwned []int
@@ -496,7 +496,7 @@ func (p *Process) findOwner(ctx context.Context, s peerSocket, useCache bool) (o
 		}
 	}
 	if denied > 0 {
-		return ownerEntry{}, fmt.Errorf("process: owner of socket inode %d not found; %d fd tables were not readable (the broker needs CAP_SYS_PTRACE to attest other users' processes)", s.inode, denied)
+		return ownerEntry{}, fmt.Errorf("attest: process: owner of socket inode %d not found; %d fd tables were not readable (the broker needs CAP_SYS_PTRACE to attest other users' processes)", s.inode, denied)
 	}
 	return ownerEntry{}, processInvalid("local peer not found: socket inode %d (uid %d) is held by no process visible here (another pid namespace?)", s.inode, s.uid)
 }
@@ -588,7 +588,7 @@ func (p *Process) inspect(pid int, wantStart uint64, verify func() error) (*brok
 	}
 	uid, gid, err := parseStatusIDs(status)
 	if err != nil {
-		return nil, "", 0, fmt.Errorf("process %d: %w", pid, err)
+		return nil, "", 0, fmt.Errorf("attest: process: pid %d: %w", pid, err)
 	}
 	exe, err := os.Readlink(dir + "/exe")
 	if err != nil {
@@ -632,7 +632,7 @@ func (p *Process) readStart(dir string, pid int) (uint64, error) {
 	}
 	st, err := parseStatStartTime(b)
 	if err != nil {
-		return 0, fmt.Errorf("process %d: %w", pid, err)
+		return 0, fmt.Errorf("attest: process: pid %d: %w", pid, err)
 	}
 	return st, nil
 }
@@ -644,9 +644,9 @@ func procErr(pid int, err error) error {
 	case errors.Is(err, fs.ErrNotExist), errors.Is(err, unix.ESRCH):
 		return processInvalid("process %d exited during attestation", pid)
 	case errors.Is(err, fs.ErrPermission):
-		return fmt.Errorf("process: reading process %d: %w (the broker needs CAP_SYS_PTRACE to attest other users' processes)", pid, err)
+		return fmt.Errorf("attest: process: reading process %d: %w (the broker needs CAP_SYS_PTRACE to attest other users' processes)", pid, err)
 	}
-	return fmt.Errorf("process: reading process %d: %w", pid, err)
+	return fmt.Errorf("attest: process: reading process %d: %w", pid, err)
 }
 
 // exeHash returns the hex SHA-256 of the file at path (a /proc/<pid>/exe

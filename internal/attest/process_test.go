@@ -649,6 +649,25 @@ func TestProcessAttestHostAddress(t *testing.T) {
 
 func TestProcessNotLocal(t *testing.T) {
 	p := newTestProcess(t, "")
+	// A connection whose evidence names another client (a local proxy
+	// reporting its own caller): the local process is the proxy, not the
+	// caller, so the attestor does not apply.
+	tp := listenTCP(t, "tcp4", "127.0.0.1:0")
+	client, err := net.Dial("tcp", tp.ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server := tp.next(t)
+	defer server.Close()
+	for _, remote := range []string{"192.0.2.1:40000", "127.0.0.1:1"} {
+		ev := evidenceOf(server)
+		ev.Remote = netip.MustParseAddrPort(remote)
+		if _, err := p.Attest(context.Background(), ev); !errors.Is(err, broker.ErrNoEvidence) {
+			t.Fatalf("proxied %s: want ErrNoEvidence, got %v", remote, err)
+		}
+	}
+
 	for _, ev := range []broker.Evidence{
 		{},
 		{Remote: netip.MustParseAddrPort("192.0.2.1:40000"), Local: netip.MustParseAddrPort("127.0.0.1:15080")},
@@ -825,6 +844,9 @@ func TestProcessHelper(t *testing.T) {
 		}
 		err = syscall.Connect(fd, &syscall.SockaddrUnix{Name: addr})
 		becomeNobody()
+	case "transparent":
+		transparentHelper(t)
+		return
 	default:
 		t.Fatalf("unknown helper mode %q", mode)
 	}
@@ -836,6 +858,72 @@ func TestProcessHelper(t *testing.T) {
 	}
 	var b [1]byte
 	syscall.Read(fd, b[:]) // until the test closes its end
+}
+
+// TestProcessAttestTransparent: in transparent mode the caller's socket is
+// connected to the original destination, not to the broker's address; the
+// attestor finds it through SO_ORIGINAL_DST (or an Evidence.Local that
+// already holds the original destination). Runs in a private network
+// namespace with a real iptables REDIRECT rule.
+func TestProcessAttestTransparent(t *testing.T) {
+	requireRoot(t)
+	for _, tool := range []string{"unshare", "iptables", "ip"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			if os.Getenv("CI") == "true" {
+				t.Fatalf("%s is required in CI", tool)
+			}
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	cmd := exec.Command("unshare", "--net", selfExe(t), "-test.run=^TestProcessHelper$", "-test.v")
+	cmd.Env = append(os.Environ(), "KEYGATE_PROCESS_HELPER=transparent")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte("transparent: ok")) {
+		t.Fatalf("helper: %v\n%s", err, out)
+	}
+}
+
+// transparentHelper runs inside a fresh network namespace.
+func transparentHelper(t *testing.T) {
+	run := func(argv ...string) {
+		if out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", argv, err, out)
+		}
+	}
+	run("ip", "link", "set", "lo", "up")
+	run("ip", "route", "add", "192.0.2.0/24", "dev", "lo", "src", "127.0.0.1")
+	tp := listenTCP(t, "tcp4", "127.0.0.1:0")
+	run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "192.0.2.10", "--dport", "80",
+		"-j", "REDIRECT", "--to-ports", strconv.Itoa(tp.port()))
+	client, err := net.Dial("tcp", "192.0.2.10:80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server := tp.next(t)
+	defer server.Close()
+	if od, ok := originalDst(server.(*net.TCPConn)); !ok || od != netip.MustParseAddrPort("192.0.2.10:80") {
+		t.Fatalf("SO_ORIGINAL_DST = %v %v", od, ok)
+	}
+	for _, mode := range []string{"netlink", "procfs"} {
+		p := newTestProcess(t, "")
+		if mode == "procfs" {
+			p.sys.netlink.Store(netlinkBroken)
+		}
+		ev := evidenceOf(server) // Local is the redirect port
+		evOrig := ev
+		evOrig.Local, evOrig.Conn = netip.MustParseAddrPort("192.0.2.10:80"), nil
+		for _, e := range []broker.Evidence{ev, evOrig} {
+			id, err := p.Attest(context.Background(), e)
+			if err != nil {
+				t.Fatalf("%s: %v", mode, err)
+			}
+			if id.Process.PID != os.Getpid() {
+				t.Fatalf("%s: pid %d", mode, id.Process.PID)
+			}
+		}
+	}
+	fmt.Println("transparent: ok")
 }
 
 func TestProcessAttestUnix(t *testing.T) {
