@@ -212,6 +212,9 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 	}
 	chain, readyChecks, aps := c.buildAttestors(attestCtx, metrics, roots, o.Clock)
 	ps = append(ps, aps...)
+	delegation, dready, dps := c.buildDelegation(attestCtx, roots, o.Clock)
+	ps = append(ps, dps...)
+	readyChecks = append(readyChecks, dready...)
 	if len(ps) > 0 {
 		return nil, sortProblems(ps)
 	}
@@ -261,7 +264,8 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 			UpstreamTimeout:   time.Duration(c.Limits.UpstreamTimeout),
 			MaxHeaderBytes:    c.Limits.MaxHeaderBytes,
 		},
-		Clock: o.Clock,
+		Clock:      o.Clock,
+		Delegation: delegation,
 	})
 	if err != nil {
 		return nil, err
@@ -407,6 +411,47 @@ func (c *Config) buildAttestors(ctx context.Context, m *intercept.Metrics, roots
 		named = append(named, attest.Named{Name: a.Type, Attestor: at})
 	}
 	return attest.NewChain(func(method string) { m.AttestFailures.WithLabelValues(method).Inc() }, named...), ready, ps
+}
+
+// DefaultDelegationHeader carries the on-behalf-of user token.
+const DefaultDelegationHeader = "X-Keygate-On-Behalf-Of"
+
+// buildDelegation verifies user tokens against the delegation issuers. It
+// returns a nil interface (not a typed nil) when delegation is off.
+func (c *Config) buildDelegation(ctx context.Context, roots *x509.CertPool, clock broker.Clock) (intercept.Delegator, []func() bool, Problems) {
+	d := c.Delegation
+	if d == nil {
+		return nil, nil, nil
+	}
+	var ps Problems
+	var verifiers []*attest.OIDC
+	var ready []func() bool
+	for i, is := range d.Issuers {
+		name := is.Name
+		if name == "" {
+			name = fmt.Sprintf("delegation-%d", i+1)
+		}
+		o, err := attest.NewOIDC(ctx, attest.OIDCOptions{Name: name, Issuer: is.Issuer, Audiences: is.Audiences,
+			Algorithms: is.Algorithms, HTTPClient: ownClient(roots), Clock: clock})
+		if err != nil {
+			ps = append(ps, c.problem(err.Error(), "delegation", "issuers", i))
+			continue
+		}
+		verifiers = append(verifiers, o)
+		ready = append(ready, o.Ready)
+	}
+	header := d.Header
+	if header == "" {
+		header = DefaultDelegationHeader
+	}
+	if len(ps) > 0 || len(verifiers) == 0 {
+		return nil, nil, ps
+	}
+	del, err := attest.NewDelegation(header, verifiers)
+	if err != nil {
+		return nil, nil, Problems{c.problem(err.Error(), "delegation")}
+	}
+	return del, ready, nil
 }
 
 // ownClient is the HTTP client for the broker's own calls (OIDC discovery

@@ -61,8 +61,16 @@ type CIDRIdentity struct {
 
 // Delegation configures verified on-behalf-of user tokens.
 type Delegation struct {
-	Header  string `yaml:"header"`
-	Issuers []any  `yaml:"issuers"`
+	Header  string             `yaml:"header"`
+	Issuers []DelegationIssuer `yaml:"issuers"`
+}
+
+// DelegationIssuer is an OIDC issuer whose user tokens are accepted.
+type DelegationIssuer struct {
+	Name       string   `yaml:"name"`
+	Issuer     string   `yaml:"issuer"`
+	Audiences  []string `yaml:"audiences"`
+	Algorithms []string `yaml:"algorithms"`
 }
 
 // Egress is the SSRF guard and upstream trust.

@@ -113,8 +113,26 @@ func (c *Config) validate() Problems {
 			names[n] = i
 		}
 	}
-	if c.Delegation != nil {
-		add("delegation "+notInThisBuild, "delegation")
+	if d := c.Delegation; d != nil {
+		if d.Header != "" && !validHeaderName(d.Header) {
+			add(fmt.Sprintf("delegation.header %q is not a header name", d.Header), "delegation", "header")
+		}
+		if len(d.Issuers) == 0 {
+			add("delegation.issuers: at least one issuer is required", "delegation")
+		}
+		for i, is := range d.Issuers {
+			if err := checkIssuer(is.Issuer); err != nil {
+				add("delegation.issuers: issuer: "+err.Error(), "delegation", "issuers", i, "issuer")
+			}
+			if len(is.Audiences) == 0 {
+				add("delegation.issuers: audiences are required", "delegation", "issuers", i)
+			}
+			for j, alg := range is.Algorithms {
+				if !allowedAlgs[alg] {
+					add(fmt.Sprintf("delegation.issuers: algorithm %q is not allowed", alg), "delegation", "issuers", i, "algorithms", j)
+				}
+			}
+		}
 	}
 	if len(c.Vaults) > 0 {
 		add("vaults "+notInThisBuild, "vaults")
@@ -239,4 +257,17 @@ func checkIssuer(s string) error {
 		}
 	}
 	return fmt.Errorf("%q must be https (http only for a loopback issuer)", s)
+}
+
+func validHeaderName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
 }

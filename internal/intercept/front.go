@@ -29,6 +29,10 @@ func (p *Proxy) serveFront(rw http.ResponseWriter, r *http.Request) {
 		writeError(w, x.fail(err), x.rec.RequestID)
 		return
 	}
+	if id, err = p.delegate(r, id); err != nil {
+		writeError(w, x.fail(err), x.rec.RequestID)
+		return
+	}
 	x.setIdentity(id)
 	r = r.WithContext(withExchange(r.Context(), x))
 
@@ -223,4 +227,34 @@ type headerReader interface{ UsesHeaders() bool }
 func (p *Proxy) policyUsesHeaders() bool {
 	hr, ok := p.opts.Pipeline.Policy.(headerReader)
 	return !ok || hr.UsesHeaders()
+}
+
+// delegate verifies an on-behalf-of token on r, if any, sets it as the
+// identity's delegator, and removes the header so the user's token never
+// travels upstream. Without a token the identity is returned unchanged (a
+// tunnel's CONNECT-time delegator carries over to its requests).
+func (p *Proxy) delegate(r *http.Request, id broker.Identity) (broker.Identity, error) {
+	d := p.opts.Delegation
+	if d == nil {
+		return id, nil
+	}
+	var vals []string
+	for k, vs := range r.Header {
+		if strings.EqualFold(k, d.Header()) {
+			vals = append(vals, vs...)
+			delete(r.Header, k)
+		}
+	}
+	if len(vals) == 0 {
+		return id, nil
+	}
+	if len(vals) > 1 {
+		return id, broker.NewError(broker.CodeUnauthenticated, "more than one on-behalf-of token", nil)
+	}
+	del, err := d.Delegate(r.Context(), broker.NewSecret(vals[0]))
+	if err != nil {
+		return id, broker.NewError(broker.CodeUnauthenticated, "the on-behalf-of token was rejected", err)
+	}
+	id.Delegator = del
+	return id, nil
 }

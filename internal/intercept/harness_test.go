@@ -124,6 +124,7 @@ type harnessOpts struct {
 	roots   []*httptest.Server // upstream TLS servers to trust
 	allow   []string           // egress allow-list; default 127.0.0.1/32
 	attest  broker.Attestor    // default: cidr 127.0.0.0/8 -> "local-test"
+	deleg   Delegator
 }
 
 func newCanary() string {
@@ -197,6 +198,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 		Logger:        zap.New(core),
 		Metrics:       h.metrics,
 		Limits:        o.limits,
+		Delegation:    o.deleg,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -160,6 +160,12 @@ func (p *Proxy) innerHandler(tun *exchange, host string, port int) http.Handler 
 			writeError(w, x.fail(err), x.rec.RequestID)
 			return
 		}
+		id, err := p.delegate(r, tun.identity)
+		if err != nil {
+			writeError(w, x.fail(err), x.rec.RequestID)
+			return
+		}
+		x.setIdentity(id)
 		r = r.WithContext(withExchange(r.Context(), x))
 		p.forward(w, r, x, host, port, "https")
 	})

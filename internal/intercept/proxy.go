@@ -74,6 +74,14 @@ type Options struct {
 	Metrics       *Metrics // may be nil
 	Limits        Limits
 	Clock         broker.Clock
+	Delegation    Delegator // nil: on-behalf-of tokens are not accepted
+}
+
+// Delegator verifies the on-behalf-of user token carried in Header();
+// package attest's Delegation implements it.
+type Delegator interface {
+	Header() string
+	Delegate(ctx context.Context, raw broker.Secret) (broker.Delegator, error)
 }
 
 // Proxy is the explicit-proxy listener: absolute-form http:// requests and

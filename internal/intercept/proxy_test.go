@@ -605,3 +605,65 @@ func TestTrailersNotForwarded(t *testing.T) {
 		t.Fatal("upstream did not get exactly the injected Authorization")
 	}
 }
+
+// fakeDelegation accepts "user:<name>" tokens. It stands in for
+// attest.Delegation, whose OIDC verification is tested in package attest.
+type fakeDelegation struct{}
+
+func (fakeDelegation) Header() string { return "X-On-Behalf-Of" }
+
+func (fakeDelegation) Delegate(_ context.Context, raw broker.Secret) (broker.Delegator, error) {
+	if name, ok := strings.CutPrefix(raw.Reveal(), "user:"); ok && name != "" {
+		return broker.Delegator{Sub: name}, nil
+	}
+	return broker.Delegator{}, fmt.Errorf("fake: %w", broker.ErrInvalidEvidence)
+}
+
+func TestDelegation(t *testing.T) {
+	up := newTLSRecorder(t)
+	rule := bearerRule("for-alice", "127.0.0.1")
+	rule.When = `delegator.sub == "alice"`
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{rule}, roots: []*httptest.Server{up.srv}, deleg: fakeDelegation{}})
+	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
+	c, _, resp := h.connect(authority)
+	wantStatus(t, resp, http.StatusOK, "")
+	tc, err := h.tlsOver(c, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name   string
+		header string
+		status int
+	}{
+		{"no delegator", "", http.StatusForbidden},
+		{"alice", "X-On-Behalf-Of: user:alice\r\n", http.StatusOK},
+		{"bob", "x-on-behalf-of: user:bob\r\n", http.StatusForbidden},
+		{"forged", "X-On-Behalf-Of: alice\r\n", http.StatusProxyAuthRequired},
+		{"two tokens", "X-On-Behalf-Of: user:alice\r\nX-On-Behalf-Of: user:bob\r\n", http.StatusProxyAuthRequired},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := h.rawRequest(tc, "GET / HTTP/1.1\r\nHost: "+authority+"\r\n"+tt.header+"\r\n")
+			if got.StatusCode != tt.status {
+				for _, l := range h.auditLines() {
+					t.Log(l["error"])
+				}
+				t.Fatalf("status = %d, want %d", got.StatusCode, tt.status)
+			}
+		})
+	}
+	if up.count() != 1 {
+		t.Fatalf("upstream got %d requests, want only alice's", up.count())
+	}
+	if v := up.last().Header.Values("X-On-Behalf-Of"); len(v) != 0 {
+		t.Fatal("the user's token reached the upstream")
+	}
+	found := false
+	for _, l := range h.auditLines() {
+		found = found || l["delegator.sub"] == "alice"
+	}
+	if !found {
+		t.Fatal("no audit line names the delegator")
+	}
+}

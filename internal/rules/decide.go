@@ -279,7 +279,11 @@ func containsInt(l []int, v int) bool {
 func (s *Set) activation(id broker.Identity, t broker.Target, connect bool) (any, error) {
 	v := vars(id, t, s.clock.Now(), connect)
 	if connect {
-		a, err := cel.PartialVars(v, s.unknowns...)
+		unknowns := s.unknowns
+		if id.Delegator.Sub == "" {
+			unknowns = s.unknownsNoDelegator
+		}
+		a, err := cel.PartialVars(v, unknowns...)
 		if err != nil {
 			return nil, fmt.Errorf("building variables: %w", err)
 		}

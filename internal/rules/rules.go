@@ -98,7 +98,10 @@ type Set struct {
 	httpPorts    []int
 	clock        broker.Clock
 	unknowns     []*cel.AttributePatternType
-	usesHeaders  bool
+	// unknownsNoDelegator adds the whole delegator: at CONNECT without one,
+	// the requests inside the tunnel may still carry an on-behalf-of token.
+	unknownsNoDelegator []*cel.AttributePatternType
+	usesHeaders         bool
 }
 
 // UsesHeaders reports whether any rule's `when` may read request.headers,
@@ -134,11 +137,12 @@ func Compile(specs []Spec, opts Options) (*Set, []error) {
 		return nil, append(errs, err)
 	}
 	s := &Set{
-		ix:           newIndex(),
-		connectPorts: append([]int(nil), opts.ConnectPorts...),
-		httpPorts:    append([]int(nil), opts.HTTPPorts...),
-		clock:        opts.Clock,
-		unknowns:     unknownAtConnect(),
+		ix:                  newIndex(),
+		connectPorts:        append([]int(nil), opts.ConnectPorts...),
+		httpPorts:           append([]int(nil), opts.HTTPPorts...),
+		clock:               opts.Clock,
+		unknowns:            unknownAtConnect(),
+		unknownsNoDelegator: append(unknownAtConnect(), cel.AttributePattern(varDelegator)),
 	}
 	seen := map[string]int{}
 	for i, sp := range specs {
