@@ -54,7 +54,7 @@ func (d *Delegation) Delegate(ctx context.Context, raw broker.Secret) (broker.De
 		if err != nil {
 			return broker.Delegator{}, fmt.Errorf("attest: delegation: %w", err)
 		}
-		return broker.Delegator{Sub: id.ID, Claims: id.Claims}, nil
+		return broker.Delegator{Sub: id.ID, Claims: id.Claims, Expires: id.Expires}, nil
 	}
 	return broker.Delegator{}, fmt.Errorf("attest: delegation: token is not from a trusted issuer: %w", broker.ErrInvalidEvidence)
 }

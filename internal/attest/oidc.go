@@ -149,6 +149,9 @@ type OIDCOptions struct {
 	Skew       time.Duration // default 30s, max 5m
 	HTTPClient *http.Client  // for discovery/JWKS; nil → no proxy, 10s timeout
 	Clock      broker.Clock  // nil → system clock
+	// Offline validates the options and builds nothing that fetches: for
+	// `broker validate`, which must contact no issuer. NewOIDC returns nil.
+	Offline bool
 }
 
 // OIDC attests callers by a JWT from one OIDC issuer. See the file comment
@@ -240,6 +243,9 @@ func NewOIDC(ctx context.Context, o OIDCOptions) (*OIDC, error) {
 	if clock == nil {
 		clock = broker.SystemClock{}
 	}
+	if o.Offline {
+		return nil, nil
+	}
 	a := &OIDC{
 		name:      o.Name,
 		issuer:    o.Issuer,
@@ -307,11 +313,15 @@ func (a *OIDC) Attest(ctx context.Context, ev broker.Evidence) (broker.Identity,
 	if err := a.checkClaims(claims); err != nil {
 		return broker.Identity{}, err
 	}
+	exp, _, _ := numericDate(claims, "exp") // present and valid: checkClaims passed
 	return broker.Identity{
 		ID:          claims["sub"].(string),
 		Method:      broker.MethodOIDC,
 		TrustDomain: a.issuer,
 		Claims:      claims,
+		// The same boundary checkClaims applies, so a tunnel opened with this
+		// token stops serving exactly when a new CONNECT would be refused.
+		Expires: time.Unix(0, int64(exp*1e9)).Add(a.skew),
 	}, nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Attestation methods, as rules see them in workload.method.
@@ -35,6 +36,21 @@ type Identity struct {
 	Claims      map[string]any // verified token claims
 	Process     *ProcessInfo   // local peer, when known
 	Delegator   Delegator      // verified on-behalf-of user; zero when absent
+	// Expires is when the evidence stops being valid (a token's exp, an
+	// SVID's NotAfter); zero when the evidence does not expire (cidr,
+	// process). A tunnel re-checks it for every request inside.
+	Expires time.Time
+}
+
+// ExpiredAt reports whether the identity, or its delegator, is no longer
+// valid at now.
+func (i Identity) ExpiredAt(now time.Time) bool {
+	for _, e := range []time.Time{i.Expires, i.Delegator.Expires} {
+		if !e.IsZero() && !now.Before(e) {
+			return true
+		}
+	}
+	return false
 }
 
 // ProcessInfo describes the local process behind a connection.
@@ -70,8 +86,9 @@ func lengthPrefixed(parts ...string) string {
 // Delegator is a verified user on whose behalf the workload calls. The zero
 // value means none.
 type Delegator struct {
-	Sub    string
-	Claims map[string]any
+	Sub     string
+	Claims  map[string]any
+	Expires time.Time // when the user's token stops being valid
 }
 
 // Evidence is what a listener knows about a caller before any rule runs.

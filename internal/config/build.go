@@ -137,12 +137,14 @@ type BuildOptions struct {
 
 // Runtime is a built broker, ready to Run.
 type Runtime struct {
-	Proxy      *intercept.Proxy
-	Registry   *prometheus.Registry
-	ProxyAddr  net.Addr
-	AdminAddr  net.Addr // nil when no admin listener
-	CACertPath string   // where clients find the CA (ephemeral cert_out or ca.cert)
-	DemoURL    string   // the demo echo upstream, when enabled
+	Proxy        *intercept.Proxy
+	Registry     *prometheus.Registry
+	ProxyAddr    net.Addr
+	ProxyTLS     *intercept.Proxy // nil unless listen.proxy_tls is set
+	ProxyTLSAddr net.Addr         // nil unless listen.proxy_tls is set
+	AdminAddr    net.Addr         // nil when no admin listener
+	CACertPath   string           // where clients find the CA (ephemeral cert_out or ca.cert)
+	DemoURL      string           // the demo echo upstream, when enabled
 
 	log       *zap.Logger
 	proxyLn   net.Listener
@@ -150,6 +152,9 @@ type Runtime struct {
 	admin     *http.Server
 	demo      *demoServer
 	readyFlag func() bool
+	// proxy_tls: the TCP listener and the TLS listener served over it.
+	proxyTLSLn    net.Listener
+	proxyTLSServe net.Listener
 	// stopAttestors ends attestors' background work (key refreshes).
 	stopAttestors context.CancelFunc
 }
@@ -207,12 +212,9 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 	}
 	var attestCtx context.Context
 	attestCtx, rt.stopAttestors = context.WithCancel(context.Background())
-	if o.DryRun {
-		rt.stopAttestors() // validate contacts no issuer: no background key fetch
-	}
-	chain, readyChecks, aps := c.buildAttestors(attestCtx, metrics, roots, o.Clock)
+	chain, readyChecks, spiffe, aps := c.buildAttestors(attestCtx, metrics, roots, o.Clock, o.DryRun)
 	ps = append(ps, aps...)
-	delegation, dready, dps := c.buildDelegation(attestCtx, roots, o.Clock)
+	delegation, dready, dps := c.buildDelegation(attestCtx, roots, o.Clock, o.DryRun)
 	ps = append(ps, dps...)
 	readyChecks = append(readyChecks, dready...)
 	if len(ps) > 0 {
@@ -233,6 +235,16 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		}
 		rt.AdminAddr = rt.adminLn.Addr()
 		self = append(self, addrPort(rt.adminLn.Addr()))
+	}
+	if c.Listen.ProxyTLS != "" {
+		if spiffe == nil { // validate requires one; never serve TLS without it
+			return nil, Problems{c.problem("listen.proxy_tls needs a spiffe attestor", "listen", "proxy_tls")}
+		}
+		if rt.proxyTLSLn, err = net.Listen("tcp", c.Listen.ProxyTLS); err != nil {
+			return nil, Problems{c.problem(fmt.Sprintf("listen.proxy_tls: %v", err), "listen", "proxy_tls")}
+		}
+		rt.ProxyTLSAddr = rt.proxyTLSLn.Addr()
+		self = append(self, addrPort(rt.proxyTLSLn.Addr()))
 	}
 
 	dialer := egress.New(egress.Options{
@@ -269,6 +281,34 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 	})
 	if err != nil {
 		return nil, err
+	}
+	if rt.proxyTLSLn != nil {
+		// The same pipeline, dialer and leaves behind a TLS front door whose
+		// clients must present an X509-SVID of the trust domain; the SPIFFE
+		// attestor turns it into workload.id.
+		rt.ProxyTLS, err = intercept.New(intercept.Options{
+			Listener:      "proxy_tls",
+			Pipeline:      pipe,
+			Dialer:        dialer,
+			Leaves:        leaves,
+			UpstreamRoots: roots,
+			Fingerprints:  broker.NewFingerprinter(),
+			Logger:        o.Logger.Named("proxy_tls"),
+			Metrics:       metrics,
+			Limits: intercept.Limits{
+				ReadHeaderTimeout: time.Duration(c.Limits.ReadHeaderTimeout),
+				IdleTimeout:       time.Duration(c.Limits.IdleTimeout),
+				HandshakeTimeout:  time.Duration(c.Limits.HandshakeTimeout),
+				UpstreamTimeout:   time.Duration(c.Limits.UpstreamTimeout),
+				MaxHeaderBytes:    c.Limits.MaxHeaderBytes,
+			},
+			Clock:      o.Clock,
+			Delegation: delegation,
+		})
+		if err != nil {
+			return nil, err
+		}
+		rt.proxyTLSServe = tls.NewListener(rt.proxyTLSLn, spiffe.ServerTLSConfig())
 	}
 	// The CA, rules and secrets are loaded before Build returns; fetched
 	// trust material (OIDC keys) must have arrived at least once.
@@ -368,11 +408,14 @@ func (c *Config) resolveRef(ref string) string {
 }
 
 // buildAttestors composes the chain in file order. It also returns the
-// readiness checks of attestors whose trust material is fetched (OIDC keys).
-func (c *Config) buildAttestors(ctx context.Context, m *intercept.Metrics, roots *x509.CertPool, clock broker.Clock) (broker.Attestor, []func() bool, Problems) {
+// readiness checks of attestors whose trust material is fetched (OIDC keys,
+// SPIFFE Workload API), and the spiffe attestor (nil when none), which also
+// serves the proxy_tls listener's TLS.
+func (c *Config) buildAttestors(ctx context.Context, m *intercept.Metrics, roots *x509.CertPool, clock broker.Clock, offline bool) (broker.Attestor, []func() bool, *attest.SPIFFE, Problems) {
 	var ps Problems
 	var named []attest.Named
 	var ready []func() bool
+	var spiffe *attest.SPIFFE
 	for i, a := range c.Attestors {
 		var at broker.Attestor
 		var err error
@@ -391,14 +434,33 @@ func (c *Config) buildAttestors(ctx context.Context, m *intercept.Metrics, roots
 			var o *attest.OIDC
 			o, err = attest.NewOIDC(ctx, attest.OIDCOptions{
 				Name: name, Issuer: a.Issuer, Audiences: a.Audiences, Algorithms: a.Algorithms,
-				HTTPClient: ownClient(roots), Clock: clock,
+				HTTPClient: ownClient(roots), Clock: clock, Offline: offline,
 			})
-			if err == nil {
+			if err == nil && o != nil {
 				at = o
 				ready = append(ready, o.Ready)
 			}
+			if o == nil && err == nil {
+				continue // offline: options checked, nothing to serve
+			}
 		case "process":
 			at, err = attest.NewProcess(attest.ProcessOptions{Clock: clock})
+		case "spiffe":
+			o := attest.SPIFFEOptions{
+				TrustDomain: a.TrustDomain, Bundle: a.Bundle, Socket: a.Socket,
+				Audiences: a.Audiences, Clock: clock,
+			}
+			if a.Bundle != spiffeWorkloadAPI {
+				o.Bundle = c.resolvePath(a.Bundle)
+				if a.SVID != nil {
+					o.SVIDCert, o.SVIDKey = c.resolvePath(a.SVID.Cert), c.resolvePath(a.SVID.Key)
+				}
+			}
+			var sp *attest.SPIFFE
+			if sp, err = attest.NewSPIFFE(ctx, o); err == nil {
+				at, spiffe = sp, sp
+				ready = append(ready, sp.Ready)
+			}
 		default:
 			continue // validate reported it
 		}
@@ -410,7 +472,7 @@ func (c *Config) buildAttestors(ctx context.Context, m *intercept.Metrics, roots
 		// keygate_attestation_failures_total{method} label promises.
 		named = append(named, attest.Named{Name: a.Type, Attestor: at})
 	}
-	return attest.NewChain(func(method string) { m.AttestFailures.WithLabelValues(method).Inc() }, named...), ready, ps
+	return attest.NewChain(func(method string) { m.AttestFailures.WithLabelValues(method).Inc() }, named...), ready, spiffe, ps
 }
 
 // DefaultDelegationHeader carries the on-behalf-of user token.
@@ -418,7 +480,7 @@ const DefaultDelegationHeader = "X-Keygate-On-Behalf-Of"
 
 // buildDelegation verifies user tokens against the delegation issuers. It
 // returns a nil interface (not a typed nil) when delegation is off.
-func (c *Config) buildDelegation(ctx context.Context, roots *x509.CertPool, clock broker.Clock) (intercept.Delegator, []func() bool, Problems) {
+func (c *Config) buildDelegation(ctx context.Context, roots *x509.CertPool, clock broker.Clock, offline bool) (intercept.Delegator, []func() bool, Problems) {
 	d := c.Delegation
 	if d == nil {
 		return nil, nil, nil
@@ -432,10 +494,13 @@ func (c *Config) buildDelegation(ctx context.Context, roots *x509.CertPool, cloc
 			name = fmt.Sprintf("delegation-%d", i+1)
 		}
 		o, err := attest.NewOIDC(ctx, attest.OIDCOptions{Name: name, Issuer: is.Issuer, Audiences: is.Audiences,
-			Algorithms: is.Algorithms, HTTPClient: ownClient(roots), Clock: clock})
+			Algorithms: is.Algorithms, HTTPClient: ownClient(roots), Clock: clock, Offline: offline})
 		if err != nil {
 			ps = append(ps, c.problem(err.Error(), "delegation", "issuers", i))
 			continue
+		}
+		if o == nil {
+			continue // offline: options checked
 		}
 		verifiers = append(verifiers, o)
 		ready = append(ready, o.Ready)
@@ -474,6 +539,9 @@ func ownClient(roots *x509.CertPool) *http.Client {
 func (rt *Runtime) Run(ctx context.Context) error {
 	errc := make(chan error, 3)
 	go func() { errc <- rt.Proxy.Serve(rt.proxyLn) }()
+	if rt.ProxyTLS != nil {
+		go func() { errc <- rt.ProxyTLS.Serve(rt.proxyTLSServe) }()
+	}
 	if rt.adminLn != nil {
 		rt.admin = &http.Server{
 			Handler:           intercept.AdminHandler(rt.Registry, rt.readyFlag),
@@ -498,6 +566,11 @@ func (rt *Runtime) Run(ctx context.Context) error {
 	if serr := rt.Proxy.Shutdown(sctx); err == nil && serr != nil && !errors.Is(serr, context.DeadlineExceeded) {
 		err = serr
 	}
+	if rt.ProxyTLS != nil {
+		if serr := rt.ProxyTLS.Shutdown(sctx); err == nil && serr != nil && !errors.Is(serr, context.DeadlineExceeded) {
+			err = serr
+		}
+	}
 	if rt.demo != nil {
 		rt.demo.close()
 	}
@@ -506,7 +579,7 @@ func (rt *Runtime) Run(ctx context.Context) error {
 }
 
 func (rt *Runtime) closeListeners() {
-	for _, ln := range []net.Listener{rt.proxyLn, rt.adminLn} {
+	for _, ln := range []net.Listener{rt.proxyLn, rt.adminLn, rt.proxyTLSLn} {
 		if ln != nil {
 			_ = ln.Close()
 		}

@@ -125,6 +125,7 @@ type harnessOpts struct {
 	allow   []string           // egress allow-list; default 127.0.0.1/32
 	attest  broker.Attestor    // default: cidr 127.0.0.0/8 -> "local-test"
 	deleg   Delegator
+	clock   broker.Clock // default the wall clock
 }
 
 func newCanary() string {
@@ -199,6 +200,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 		Metrics:       h.metrics,
 		Limits:        o.limits,
 		Delegation:    o.deleg,
+		Clock:         o.clock,
 	})
 	if err != nil {
 		t.Fatal(err)

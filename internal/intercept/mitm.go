@@ -166,6 +166,14 @@ func (p *Proxy) innerHandler(tun *exchange, host string, port int) http.Handler 
 			return
 		}
 		x.setIdentity(id)
+		if id.ExpiredAt(p.opts.Clock.Now()) {
+			// The token or SVID the tunnel was opened with has expired: a new
+			// CONNECT would be refused, so this tunnel serves no more.
+			w.Header().Set("Connection", "close")
+			writeError(w, x.fail(broker.NewError(broker.CodeUnauthenticated,
+				"the caller's credential has expired; reconnect with a fresh one", nil)), x.rec.RequestID)
+			return
+		}
 		r = r.WithContext(withExchange(r.Context(), x))
 		p.forward(w, r, x, host, port, "https")
 	})

@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -665,5 +666,59 @@ func TestDelegation(t *testing.T) {
 	}
 	if !found {
 		t.Fatal("no audit line names the delegator")
+	}
+}
+
+type stepClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *stepClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *stepClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+type expiringAttestor struct{ expires time.Time }
+
+func (a expiringAttestor) Attest(context.Context, broker.Evidence) (broker.Identity, error) {
+	return broker.Identity{ID: "token-holder", Method: broker.MethodOIDC, Expires: a.expires}, nil
+}
+
+// T-F1: evidence is checked at CONNECT, so a tunnel must stop serving once
+// the token it was opened with expires, not live on under steady traffic.
+func TestTunnelEndsWhenIdentityExpires(t *testing.T) {
+	up := newTLSRecorder(t)
+	clock := &stepClock{t: time.Now()}
+	h := newHarness(t, harnessOpts{
+		rules:  []rules.Spec{bearerRule("inject", "127.0.0.1")},
+		roots:  []*httptest.Server{up.srv},
+		attest: expiringAttestor{expires: clock.Now().Add(time.Minute)},
+		clock:  clock,
+	})
+	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
+	c, _, resp := h.connect(authority)
+	wantStatus(t, resp, http.StatusOK, "")
+	tc, err := h.tlsOver(c, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := "GET / HTTP/1.1\r\nHost: " + authority + "\r\n\r\n"
+	wantStatus(t, h.rawRequest(tc, req), http.StatusOK, "")
+	clock.advance(time.Minute)
+	got := h.rawRequest(tc, req)
+	wantStatus(t, got, http.StatusProxyAuthRequired, broker.CodeUnauthenticated)
+	if !got.Close {
+		t.Fatal("the tunnel stays open after its identity expired")
+	}
+	if up.count() != 1 {
+		t.Fatalf("upstream got %d requests, want only the one before expiry", up.count())
 	}
 }
