@@ -778,7 +778,10 @@ func expect407(t *testing.T, b *brokerProc, what string, resp *http.Response, bo
 	if line["status"] != float64(http.StatusProxyAuthRequired) || line["decision"] != "deny" {
 		t.Errorf("%s: audit status %v decision %v, want 407 deny", what, line["status"], line["decision"])
 	}
-	if line["workload.id"] != "" || line["credential.name"] != "" {
+	// A caller no attestor applies to is audited as the anonymous identity
+	// (issue 3: only rules that allow anonymous callers match it); a
+	// rejected caller has no identity at all.
+	if (line["workload.id"] != "" && line["workload.id"] != "anonymous") || line["credential.name"] != "" {
 		t.Errorf("%s: audit line names workload %v / credential %v for an unattested caller", what, line["workload.id"], line["credential.name"])
 	}
 	if tok != "" {
@@ -980,8 +983,8 @@ func TestOIDCRejectedTokens(t *testing.T) {
 			}
 			resp, body := o.rawGet("/must-not-arrive", lines)
 			line := expect407(t, o.b, tc.name, resp, body, tc.reason, tc.tok)
-			if line != nil && line["workload.method"] != "" {
-				t.Errorf("audit workload.method = %v for a rejected caller", line["workload.method"])
+			if m := line["workload.method"]; line != nil && m != "" && !(m == "anonymous" && !tc.oidcFailure) {
+				t.Errorf("audit workload.method = %v for a rejected caller", m)
 			}
 		})
 	}

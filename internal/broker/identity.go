@@ -18,7 +18,13 @@ const (
 	MethodOIDC       = "oidc"
 	MethodProcess    = "process"
 	MethodCIDR       = "cidr" // weak: network position only
+	// MethodAnonymous marks a caller no attestor vouched for. Only rules
+	// that explicitly allow anonymous callers can match it.
+	MethodAnonymous = "anonymous"
 )
+
+// Anonymous is the identity of a caller no attestor applies to.
+var Anonymous = Identity{ID: "anonymous", Method: MethodAnonymous}
 
 // ErrNoEvidence means an attestor does not apply to this caller; the chain
 // tries the next one.

@@ -26,7 +26,9 @@ func (p *Pipeline) Attest(ctx context.Context, ev Evidence) (Identity, error) {
 	id, err := p.Attestor.Attest(ctx, ev)
 	switch {
 	case errors.Is(err, ErrNoEvidence):
-		return Identity{}, NewError(CodeUnauthenticated, "caller could not be attested", err)
+		// No attestor applies: the caller is anonymous. Only rules that allow
+		// anonymous callers can match; any denial is then a 407 (Decide).
+		return Anonymous, nil
 	case errors.Is(err, ErrInvalidEvidence):
 		return Identity{}, NewError(CodeUnauthenticated, "caller evidence was rejected", err)
 	case err != nil:
@@ -50,6 +52,11 @@ func (p *Pipeline) Decide(ctx context.Context, id Identity, t Target) (Decision,
 		return Decision{Rule: d.Rule}, &Error{Code: CodeDenied, Message: "rule evaluation failed", Rule: d.Rule, Err: err}
 	}
 	if !d.Allowed() {
+		if id.Method == MethodAnonymous {
+			// Tell an anonymous caller to authenticate, not that it is
+			// forbidden: with evidence, a rule might allow it.
+			return d, &Error{Code: CodeUnauthenticated, Message: "caller could not be attested", Rule: d.Rule}
+		}
 		msg := "no rule allows this request"
 		if d.Rule != "" {
 			msg = "denied by rule " + d.Rule

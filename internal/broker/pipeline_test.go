@@ -103,7 +103,7 @@ func TestPipelineAttest(t *testing.T) {
 		ok   bool
 	}{
 		{"no attestor", nil, false},
-		{"no evidence", fakeAttestor{err: ErrNoEvidence}, false},
+		{"no evidence is anonymous", fakeAttestor{err: ErrNoEvidence}, true},
 		{"invalid", fakeAttestor{err: ErrInvalidEvidence}, false},
 		{"internal", fakeAttestor{err: errors.New("x")}, false},
 		{"empty identity", fakeAttestor{}, false},
@@ -125,5 +125,22 @@ func TestPipelineAttest(t *testing.T) {
 				t.Fatalf("attestation failure: %v, want status %d", err, want)
 			}
 		})
+	}
+}
+
+func TestAnonymousDenialIs407(t *testing.T) {
+	p := &Pipeline{Attestor: fakeAttestor{err: ErrNoEvidence}, Policy: fakePolicy{}}
+	id, err := p.Attest(context.Background(), Evidence{})
+	if err != nil || id.Method != MethodAnonymous {
+		t.Fatalf("id = %+v, err = %v; want the anonymous identity", id, err)
+	}
+	_, err = p.Decide(context.Background(), id, Target{Phase: PhaseConnect})
+	var be *Error
+	if !errors.As(err, &be) || be.Status() != http.StatusProxyAuthRequired {
+		t.Fatalf("anonymous denial = %v, want 407", err)
+	}
+	_, err = p.Decide(context.Background(), Identity{ID: "w", Method: MethodCIDR}, Target{Phase: PhaseConnect})
+	if !errors.As(err, &be) || be.Status() != http.StatusForbidden {
+		t.Fatalf("attested denial = %v, want 403", err)
 	}
 }

@@ -74,6 +74,7 @@ func (c *Config) compileRules(clock broker.Clock) (*rules.Set, Problems) {
 			WhenPos:        rules.Pos{File: c.Path, Line: c.line("rules", i, "when")},
 			Action:         r.Action,
 			AllowPlaintext: r.AllowPlaintext,
+			AllowAnonymous: r.AllowAnonymous,
 			Pos:            rules.Pos{File: c.Path, Line: c.line("rules", i)},
 		}
 		if r.Inject != nil && !r.Inject.As.bad {
@@ -448,7 +449,7 @@ func (c *Config) buildAttestors(ctx context.Context, m *intercept.Metrics, roots
 		case "spiffe":
 			o := attest.SPIFFEOptions{
 				TrustDomain: a.TrustDomain, Bundle: a.Bundle, Socket: a.Socket,
-				Audiences: a.Audiences, Clock: clock,
+				Audiences: a.Audiences, Clock: clock, Offline: offline,
 			}
 			if a.Bundle != spiffeWorkloadAPI {
 				o.Bundle = c.resolvePath(a.Bundle)
@@ -457,7 +458,10 @@ func (c *Config) buildAttestors(ctx context.Context, m *intercept.Metrics, roots
 				}
 			}
 			var sp *attest.SPIFFE
-			if sp, err = attest.NewSPIFFE(ctx, o); err == nil {
+			if sp, err = attest.NewSPIFFE(ctx, o); err == nil && sp == nil {
+				continue // offline: options checked, nothing to serve
+			}
+			if err == nil {
 				at, spiffe = sp, sp
 				ready = append(ready, sp.Ready)
 			}

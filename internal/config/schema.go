@@ -51,6 +51,15 @@ type Attestor struct {
 	Audiences   []string       `yaml:"audiences"`
 	Algorithms  []string       `yaml:"algorithms"`
 	Identities  []CIDRIdentity `yaml:"identities"`
+	Socket      string         `yaml:"socket"` // spiffe: Workload API address
+	SVID        *SVIDFiles     `yaml:"svid"`   // spiffe with a bundle file: the broker's own SVID
+}
+
+// SVIDFiles are the broker's own X509-SVID and key (PEM), for a spiffe
+// attestor whose bundle is a file.
+type SVIDFiles struct {
+	Cert string `yaml:"cert"`
+	Key  string `yaml:"key"`
 }
 
 // CIDRIdentity names a set of source ranges.
@@ -103,6 +112,7 @@ type Rule struct {
 	Action         string   `yaml:"action"`
 	Inject         *Inject  `yaml:"inject"`
 	AllowPlaintext bool     `yaml:"allow_plaintext"`
+	AllowAnonymous bool     `yaml:"allow_anonymous"`
 }
 
 // Inject names the credential and how it is written.

@@ -159,6 +159,12 @@ func (s *Set) decide(ctx context.Context, id broker.Identity, t broker.Target, t
 			break
 		}
 		r := s.rules[i]
+		if id.Method == broker.MethodAnonymous && !r.allowAnonymous {
+			if tr != nil {
+				tr.note(i, false, "caller is anonymous and the rule does not set allow_anonymous")
+			}
+			continue
+		}
 		if ports, anyPort := s.ports(r, t, connect); !anyPort && !containsInt(ports, t.Port) {
 			if tr != nil {
 				tr.note(i, false, portReason(t, ports))

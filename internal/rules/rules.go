@@ -34,6 +34,9 @@ type Spec struct {
 	Action         string   // "allow" (default when empty), "deny", "tunnel"
 	Inject         *broker.Injection
 	AllowPlaintext bool
+	// AllowAnonymous lets the rule match callers no attestor vouched for
+	// (workload.method "anonymous"); without it such callers skip the rule.
+	AllowAnonymous bool
 	Pos            Pos // position of the rule
 }
 
@@ -82,6 +85,7 @@ type rule struct {
 	action         broker.Action
 	inject         *broker.Injection
 	allowPlaintext bool
+	allowAnonymous bool
 	hosts          []hostPattern
 	ports          []int // nil: protocol defaults
 	// full evaluates at request phase; partial at CONNECT, with the
@@ -187,7 +191,7 @@ func compileRule(env *cel.Env, i int, sp Spec, limit uint64) (*rule, []error) {
 	fail := func(pos Pos, format string, args ...any) {
 		errs = append(errs, &CompileError{Pos: pos, Rule: sp.Name, Index: i, Msg: fmt.Sprintf(format, args...)})
 	}
-	r := &rule{name: sp.Name, inject: sp.Inject, allowPlaintext: sp.AllowPlaintext}
+	r := &rule{name: sp.Name, inject: sp.Inject, allowPlaintext: sp.AllowPlaintext, allowAnonymous: sp.AllowAnonymous}
 	if sp.Name == "" {
 		fail(sp.Pos, "name is required")
 	}
