@@ -6,13 +6,17 @@ require (
 	github.com/elazarl/goproxy v1.9.2
 	github.com/google/cel-go v0.31.0
 	github.com/prometheus/client_golang v1.25.0
+	github.com/spiffe/go-spiffe/v2 v2.9.0
 	go.uber.org/zap v1.28.0
 	golang.org/x/net v0.62.0
 	golang.org/x/sync v0.24.0
 	gopkg.in/yaml.v3 v3.0.1
 )
 
-require github.com/spiffe/go-spiffe/v2 v2.9.0 // indirect
+require (
+	github.com/Microsoft/go-winio v0.6.2 // indirect
+	google.golang.org/grpc v1.79.3 // indirect
+)
 
 require (
 	cel.dev/expr v0.25.1 // indirect
@@ -33,7 +37,7 @@ require (
 	golang.org/x/oauth2 v0.37.0 // indirect
 	golang.org/x/sys v0.49.0
 	golang.org/x/text v0.43.0 // indirect
-	google.golang.org/genproto/googleapis/api v0.0.0-20240826202546-f6391c0de4c7 // indirect
+	google.golang.org/genproto/googleapis/api v0.0.0-20251202230838-ff82c1b0f217 // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20251202230838-ff82c1b0f217 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect
 	gopkg.in/check.v1 v1.0.0-20180628173108-788fd7840127 // indirect

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"github.com/keygate/broker/internal/inject"
 )
 
@@ -31,7 +33,14 @@ func (c *Config) validate() Problems {
 		}
 	}
 	if c.Listen.ProxyTLS != "" {
-		add("listen.proxy_tls "+notInThisBuild, "listen", "proxy_tls")
+		if err := checkListenAddr(c.Listen.ProxyTLS); err != nil {
+			add("listen.proxy_tls: "+err.Error(), "listen", "proxy_tls")
+		}
+		if sp := c.spiffeAttestor(); sp == nil {
+			add("listen.proxy_tls needs a spiffe attestor (its trust domain authenticates the clients and provides the broker's certificate)", "listen", "proxy_tls")
+		} else if sp.Bundle != spiffeWorkloadAPI && sp.Bundle != "" && sp.SVID == nil {
+			add("listen.proxy_tls: the spiffe attestor's bundle is a file, so it needs svid: {cert, key} (the broker's own X509-SVID)", "listen", "proxy_tls")
+		}
 	}
 	if c.Listen.Transparent != "" {
 		add("listen.transparent "+notInThisBuild, "listen", "transparent")
@@ -56,6 +65,9 @@ func (c *Config) validate() Problems {
 		add("attestors: at least one attestor is required; without one every caller is refused", "attestors")
 	}
 	for i, a := range c.Attestors {
+		if a.Type != "spiffe" && (a.Socket != "" || a.SVID != nil) {
+			add("attestors: socket and svid apply only to spiffe", "attestors", i)
+		}
 		switch a.Type {
 		case "cidr":
 			if a.TrustDomain != "" || a.Bundle != "" || a.Issuer != "" || len(a.Audiences) > 0 || len(a.Algorithms) > 0 {
@@ -94,7 +106,7 @@ func (c *Config) validate() Problems {
 				add("attestors: process takes only name", "attestors", i)
 			}
 		case "spiffe":
-			add(fmt.Sprintf("attestor type %q %s", a.Type, notInThisBuild), "attestors", i, "type")
+			ps = append(ps, c.validateSPIFFE(i, a)...)
 		case "":
 			add("attestors: type is required", "attestors", i)
 		default:
@@ -270,4 +282,68 @@ func validHeaderName(s string) bool {
 		}
 	}
 	return true
+}
+
+// spiffeWorkloadAPI is the spiffe bundle setting for the Workload API.
+const spiffeWorkloadAPI = "workload_api"
+
+// spiffeAttestor is the (single) spiffe attestor, or nil.
+func (c *Config) spiffeAttestor() *Attestor {
+	for i := range c.Attestors {
+		if c.Attestors[i].Type == "spiffe" {
+			return &c.Attestors[i]
+		}
+	}
+	return nil
+}
+
+func (c *Config) validateSPIFFE(i int, a Attestor) Problems {
+	var ps Problems
+	add := func(msg string, path ...any) {
+		ps = append(ps, c.problem(msg, append([]any{"attestors", i}, path...)...))
+	}
+	if a.Issuer != "" || len(a.Algorithms) > 0 || len(a.Identities) > 0 {
+		add("attestors: spiffe takes only name, trust_domain, bundle, socket, audiences and svid")
+	}
+	for j, other := range c.Attestors[:i] {
+		if other.Type == "spiffe" {
+			add(fmt.Sprintf("attestors: only one spiffe attestor is supported (the first is entry %d)", j+1))
+			break
+		}
+	}
+	if a.TrustDomain == "" {
+		add("attestors: spiffe needs trust_domain (for example example.org)")
+	} else if _, err := spiffeid.TrustDomainFromString(a.TrustDomain); err != nil || strings.Contains(a.TrustDomain, "/") {
+		add(fmt.Sprintf("attestors: spiffe trust_domain %q is not a trust domain name (write example.org, not spiffe://example.org)", a.TrustDomain), "trust_domain")
+	}
+	switch a.Bundle {
+	case "":
+		add("attestors: spiffe needs bundle: workload_api or the path of a trust bundle file")
+	case spiffeWorkloadAPI:
+		if a.SVID != nil {
+			add("attestors: spiffe svid applies only to a bundle file; with workload_api the broker's SVID comes from the Workload API", "svid")
+		}
+		if a.Socket != "" {
+			addr := a.Socket
+			if strings.HasPrefix(addr, "/") {
+				addr = "unix://" + addr
+			}
+			if !strings.HasPrefix(addr, "unix://") && !strings.HasPrefix(addr, "tcp://") {
+				add(fmt.Sprintf("attestors: spiffe socket %q must be unix:///path, /path or tcp://ip:port", a.Socket), "socket")
+			}
+		}
+	default:
+		if a.Socket != "" {
+			add("attestors: spiffe socket applies only to bundle: workload_api", "socket")
+		}
+		if a.SVID != nil && (a.SVID.Cert == "" || a.SVID.Key == "") {
+			add("attestors: spiffe svid needs cert and key", "svid")
+		}
+	}
+	for j, aud := range a.Audiences {
+		if aud == "" {
+			add("attestors: spiffe audiences: empty audience", "audiences", j)
+		}
+	}
+	return ps
 }
