@@ -409,7 +409,9 @@ func (s *SPIFFE) attestX509(cs *tls.ConnectionState) (broker.Identity, error) {
 	if err != nil || vid != id {
 		return broker.Identity{}, errSPIFFECert
 	}
-	return broker.Identity{ID: id.String(), Method: broker.MethodSPIFFEX509, TrustDomain: s.td.Name()}, nil
+	// A tunnel opened with this certificate serves until the certificate
+	// expires (the connection is not re-handshaken).
+	return broker.Identity{ID: id.String(), Method: broker.MethodSPIFFEX509, TrustDomain: s.td.Name(), Expires: leaf.NotAfter}, nil
 }
 
 // jwtSVIDAlgs are the algorithms a JWT-SVID may use (the JWT-SVID spec).
@@ -458,6 +460,7 @@ func (s *SPIFFE) attestJWT(raw string) (broker.Identity, error) {
 		Method:      broker.MethodSPIFFEJWT,
 		TrustDomain: s.td.Name(),
 		Claims:      sv.Claims,
+		Expires:     sv.Expiry,
 	}, nil
 }
 

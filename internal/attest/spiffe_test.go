@@ -207,6 +207,9 @@ func TestSPIFFEX509(t *testing.T) {
 	if id.ID != "spiffe://example.org/ns/a/sa/one" || id.Method != broker.MethodSPIFFEX509 || id.TrustDomain != "example.org" {
 		t.Errorf("identity = %+v", id)
 	}
+	if !id.Expires.Equal(good.NotAfter) {
+		t.Errorf("identity expires %v, want the SVID's NotAfter %v", id.Expires, good.NotAfter)
+	}
 
 	foreign, _ := w.foreign.leaf(t, "spiffe://other.org/w", now.Add(-time.Minute), now.Add(time.Hour))
 	_, err = w.a.Attest(context.Background(), tlsEvidence(foreign))
@@ -262,6 +265,9 @@ func TestSPIFFEJWT(t *testing.T) {
 	}
 	if id.ID != sub || id.Method != broker.MethodSPIFFEJWT || id.TrustDomain != "example.org" || id.Claims["sub"] != sub {
 		t.Errorf("identity = %+v", id)
+	}
+	if d := id.Expires.Sub(now.Add(5 * time.Minute)); d > time.Second || d < -time.Second {
+		t.Errorf("identity expires %v, want the token's exp", id.Expires)
 	}
 	// The password of a proxy URL works too.
 	basic := "Basic " + base64.StdEncoding.EncodeToString([]byte("token:"+tok))
