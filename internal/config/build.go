@@ -225,11 +225,14 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		return rt, nil
 	}
 
-	if rt.proxyLn, err = net.Listen("tcp", c.Listen.Proxy); err != nil {
+	if rt.proxyLn, err = c.listenProxy(); err != nil {
 		return nil, Problems{c.problem(fmt.Sprintf("listen.proxy: %v", err), "listen", "proxy")}
 	}
 	rt.ProxyAddr = rt.proxyLn.Addr()
-	self := []netip.AddrPort{addrPort(rt.proxyLn.Addr())}
+	var self []netip.AddrPort
+	if ap := addrPort(rt.proxyLn.Addr()); ap.IsValid() {
+		self = append(self, ap)
+	}
 	if c.Listen.Admin != "" {
 		if rt.adminLn, err = net.Listen("tcp", c.Listen.Admin); err != nil {
 			return nil, Problems{c.problem(fmt.Sprintf("listen.admin: %v", err), "listen", "admin")}
@@ -322,6 +325,36 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		return true
 	}
 	return rt, nil
+}
+
+// listenProxy opens listen.proxy: host:port, or unix:PATH for a Unix
+// socket. A socket is world-connectable (0666): who may do what is decided
+// by attestation (SO_PEERCRED through the process attestor) and rules, not
+// by file permissions. A stale socket file from an earlier run is replaced;
+// any other file at the path is an error.
+func (c *Config) listenProxy() (net.Listener, error) {
+	path, ok := strings.CutPrefix(c.Listen.Proxy, "unix:")
+	if !ok {
+		return net.Listen("tcp", c.Listen.Proxy)
+	}
+	path = c.resolvePath(path)
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, err
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
 }
 
 func addrPort(a net.Addr) netip.AddrPort {

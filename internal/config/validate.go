@@ -24,6 +24,10 @@ func (c *Config) validate() Problems {
 
 	if c.Listen.Proxy == "" {
 		add("listen.proxy is required (for example 127.0.0.1:15080)", "listen")
+	} else if path, ok := strings.CutPrefix(c.Listen.Proxy, "unix:"); ok {
+		if path == "" {
+			add("listen.proxy: unix: needs a socket path", "listen", "proxy")
+		}
 	} else if err := checkListenAddr(c.Listen.Proxy); err != nil {
 		add("listen.proxy: "+err.Error(), "listen", "proxy")
 	}
