@@ -10,13 +10,11 @@ require (
 	go.uber.org/zap v1.28.0
 	golang.org/x/net v0.62.0
 	golang.org/x/sync v0.24.0
+	google.golang.org/grpc v1.79.3
 	gopkg.in/yaml.v3 v3.0.1
 )
 
-require (
-	github.com/Microsoft/go-winio v0.6.2 // indirect
-	google.golang.org/grpc v1.79.3 // indirect
-)
+require github.com/Microsoft/go-winio v0.6.2 // indirect
 
 require (
 	cel.dev/expr v0.25.1 // indirect

@@ -368,7 +368,13 @@ func (s *SPIFFE) GetJWTBundleForTrustDomain(td spiffeid.TrustDomain) (*jwtbundle
 
 // available reports whether bundles can be consulted at all.
 func (s *SPIFFE) available() bool {
-	return s.file.Load() != nil || s.bundles.Load() != nil
+	if s.file.Load() != nil {
+		return true
+	}
+	// From the Workload API, the broker's own SVID is the freshness signal:
+	// once it has expired the agent is gone, and the cached bundle can no
+	// longer learn that a CA was removed, so evidence is refused (503).
+	return s.Ready()
 }
 
 // ServerTLSConfig is the proxy_tls listener's configuration: the broker's
