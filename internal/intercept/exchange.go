@@ -20,6 +20,7 @@ import (
 // owned by one goroutine at a time (the handler, then goproxy's callbacks
 // on the same goroutine), so it needs no lock.
 type exchange struct {
+	pipe     *broker.Pipeline // the snapshot this exchange is decided under
 	rec      broker.Record
 	start    time.Time
 	identity broker.Identity
@@ -39,7 +40,7 @@ func exchangeFrom(ctx context.Context) *exchange {
 }
 
 func (p *Proxy) newExchange(listener string) *exchange {
-	return &exchange{start: p.opts.Clock.Now(), rec: broker.Record{RequestID: newRequestID(), Listener: listener}}
+	return &exchange{pipe: p.pipe.Load(), start: p.opts.Clock.Now(), rec: broker.Record{RequestID: newRequestID(), Listener: listener}}
 }
 
 func (x *exchange) setIdentity(id broker.Identity) {

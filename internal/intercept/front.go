@@ -24,7 +24,7 @@ func (p *Proxy) serveFront(rw http.ResponseWriter, r *http.Request) {
 		writeError(w, x.fail(err), x.rec.RequestID)
 		return
 	}
-	id, err := p.opts.Pipeline.Attest(r.Context(), evidence(p.opts.Listener, r))
+	id, err := x.pipe.Attest(r.Context(), evidence(p.opts.Listener, r))
 	if err != nil {
 		writeError(w, x.fail(err), x.rec.RequestID)
 		return
@@ -143,7 +143,7 @@ func (p *Proxy) onConnect(authority string, ctx *goproxy.ProxyCtx) (*goproxy.Con
 		return reject(err)
 	}
 	t := broker.Target{Phase: broker.PhaseConnect, Protocol: broker.ProtocolHTTPS, Host: host, Port: port}
-	d, err := p.opts.Pipeline.Decide(ctx.Req.Context(), x.identity, t)
+	d, err := x.pipe.Decide(ctx.Req.Context(), x.identity, t)
 	x.rec.Rule = d.Rule
 	if err != nil {
 		return reject(err)
@@ -184,10 +184,10 @@ func (p *Proxy) onRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Request
 		Path:     r.URL.Path,
 		Query:    r.URL.RawQuery,
 	}
-	if p.policyUsesHeaders() {
+	if policyUsesHeaders(x.pipe) {
 		t.Headers = ruleHeaders(r.Header)
 	}
-	d, cred, err := p.opts.Pipeline.Authorize(r.Context(), x.identity, t, r)
+	d, cred, err := x.pipe.Authorize(r.Context(), x.identity, t, r)
 	x.rec.Rule = d.Rule
 	if err != nil {
 		return r, errorResponse(r, x.fail(err), x.rec.RequestID)
@@ -224,8 +224,8 @@ func (p *Proxy) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Res
 // reads request headers; building the map is skipped when none does.
 type headerReader interface{ UsesHeaders() bool }
 
-func (p *Proxy) policyUsesHeaders() bool {
-	hr, ok := p.opts.Pipeline.Policy.(headerReader)
+func policyUsesHeaders(pipe *broker.Pipeline) bool {
+	hr, ok := pipe.Policy.(headerReader)
 	return !ok || hr.UsesHeaders()
 }
 

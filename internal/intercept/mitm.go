@@ -118,7 +118,13 @@ func (p *Proxy) intercept(client net.Conn, x *exchange, host string, port int) {
 	}
 	ln := newOneConnListener(tc)
 	srv.ConnState = ln.connState
+	untrack, ok := p.trackInner(srv, ln)
+	if !ok {
+		return
+	}
+	defer untrack()
 	_ = srv.Serve(ln)
+	ln.wait()
 }
 
 func (p *Proxy) tlsConfig(host string) *tls.Config {
@@ -212,32 +218,59 @@ type peekedConn struct {
 func (c *peekedConn) Read(b []byte) (int, error) { return c.r.Read(b) }
 
 // oneConnListener hands one connection to an http.Server and then blocks
-// until that connection is closed, so Serve returns exactly when the tunnel
-// ends. It never wraps the *tls.Conn, so requests keep r.TLS.
+// until that connection is closed (or the listener is, on shutdown), so
+// Serve returns when the tunnel ends. It never wraps the *tls.Conn, so
+// requests keep r.TLS.
 type oneConnListener struct {
-	conn   net.Conn
-	once   sync.Once
-	closed chan struct{}
-	close  sync.Once
+	conn     net.Conn
+	state    atomic.Int32 // http.ConnState of the connection
+	accepted atomic.Bool
+	once     sync.Once
+	closed   chan struct{} // the listener: closed by Shutdown
+	connDone chan struct{} // the connection: closed by the server
+	close    sync.Once
+	done     sync.Once
 }
 
 func newOneConnListener(c net.Conn) *oneConnListener {
-	return &oneConnListener{conn: c, closed: make(chan struct{})}
+	return &oneConnListener{conn: c, closed: make(chan struct{}), connDone: make(chan struct{})}
 }
 
 func (l *oneConnListener) Accept() (net.Conn, error) {
 	var c net.Conn
 	l.once.Do(func() { c = l.conn })
 	if c != nil {
+		l.accepted.Store(true)
 		return c, nil
 	}
-	<-l.closed
+	select {
+	case <-l.closed:
+	case <-l.connDone:
+	}
 	return nil, net.ErrClosed
 }
 
 func (l *oneConnListener) connState(_ net.Conn, s http.ConnState) {
+	l.state.Store(int32(s))
 	if s == http.StateClosed || s == http.StateHijacked {
-		l.Close()
+		l.done.Do(func() { close(l.connDone) })
+	}
+}
+
+// closeIfIdle closes a tunnel with no request in progress (a fresh one
+// counts: net/http leaves new connections to a five-second grace period).
+func (l *oneConnListener) closeIfIdle() {
+	if s := http.ConnState(l.state.Load()); s == http.StateNew || s == http.StateIdle {
+		_ = l.conn.Close()
+	}
+}
+
+// wait blocks until the server has closed the connection: after a
+// graceful Shutdown, Serve returns at once while the request in flight
+// is still being answered.
+func (l *oneConnListener) wait() {
+	if l.accepted.Load() {
+		<-l.connDone
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/elazarl/goproxy"
@@ -94,9 +95,22 @@ type Proxy struct {
 	tr     *http.Transport
 	srv    *http.Server
 
+	// pipe is swapped whole on reload; every exchange loads it once, so a
+	// decision in flight completes under the snapshot it started with.
+	pipe atomic.Pointer[broker.Pipeline]
+
 	mu       sync.Mutex
 	hijacked map[net.Conn]struct{}
+	inner    map[*http.Server]*oneConnListener // per-tunnel servers, for graceful shutdown
 	closed   bool
+}
+
+// SetPipeline swaps in a new pipeline (a reloaded config). Requests already
+// being decided keep the one they started with.
+func (p *Proxy) SetPipeline(pipe *broker.Pipeline) {
+	if pipe != nil {
+		p.pipe.Store(pipe)
+	}
 }
 
 // New builds a Proxy. It refuses options that would fail open.
@@ -117,7 +131,8 @@ func New(o Options) (*Proxy, error) {
 	if o.Clock == nil {
 		o.Clock = broker.SystemClock{}
 	}
-	p := &Proxy{opts: o, limits: o.Limits.withDefaults(), log: o.Logger, hijacked: map[net.Conn]struct{}{}}
+	p := &Proxy{opts: o, limits: o.Limits.withDefaults(), log: o.Logger, hijacked: map[net.Conn]struct{}{}, inner: map[*http.Server]*oneConnListener{}}
+	p.pipe.Store(o.Pipeline)
 	p.tr = newTransport(o.Dialer, o.UpstreamRoots, p.limits)
 	p.gp = p.newGoproxy()
 	p.srv = &http.Server{
@@ -199,18 +214,61 @@ func (p *Proxy) Serve(ln net.Listener) error {
 	return fmt.Errorf("intercept: serve %s: %w", p.opts.Listener, err)
 }
 
-// Shutdown stops accepting, lets in-flight plain requests finish until ctx
-// ends, then closes every hijacked tunnel.
+// Shutdown stops accepting and lets requests in flight finish until ctx
+// ends: plain requests, and the request in progress inside each intercepted
+// tunnel (idle tunnels close at once). Opaque tunnels, and whatever is still
+// open when ctx ends, are closed. A request is either completed with its
+// credential or cut before it reaches the upstream: injection happens only
+// as a request is forwarded, never on a connection being drained.
 func (p *Proxy) Shutdown(ctx context.Context) error {
-	err := p.srv.Shutdown(ctx)
 	p.mu.Lock()
 	p.closed = true
+	inner := make([]*http.Server, 0, len(p.inner))
+	for s, ln := range p.inner {
+		inner = append(inner, s)
+		ln.closeIfIdle()
+	}
+	p.mu.Unlock()
+
+	var wg sync.WaitGroup
+	var err error
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		err = p.srv.Shutdown(ctx)
+	}()
+	for _, s := range inner {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_ = s.Shutdown(ctx)
+		}()
+	}
+	wg.Wait()
+
+	p.mu.Lock()
 	for c := range p.hijacked {
 		_ = c.Close()
 	}
 	p.mu.Unlock()
 	p.tr.CloseIdleConnections()
 	return err
+}
+
+// trackInner registers a tunnel's server for graceful shutdown; false means
+// the proxy is shutting down and the tunnel must not start serving.
+func (p *Proxy) trackInner(s *http.Server, ln *oneConnListener) (untrack func(), ok bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil, false
+	}
+	p.inner[s] = ln
+	return func() {
+		p.mu.Lock()
+		delete(p.inner, s)
+		p.mu.Unlock()
+	}, true
 }
 
 // Transport exposes the upstream transport for tests that assert it never

@@ -1,6 +1,7 @@
 package intercept
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -720,5 +721,78 @@ func TestTunnelEndsWhenIdentityExpires(t *testing.T) {
 	}
 	if up.count() != 1 {
 		t.Fatalf("upstream got %d requests, want only the one before expiry", up.count())
+	}
+}
+
+// Graceful shutdown: the request in flight inside a tunnel completes with
+// its credential; an idle tunnel is closed; nothing new is accepted.
+func TestGracefulShutdown(t *testing.T) {
+	release := make(chan struct{})
+	entered := make(chan struct{}, 1)
+	up := &recorder{}
+	up.srv = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		entered <- struct{}{}
+		<-release
+		up.ServeHTTP(w, r)
+	}))
+	t.Cleanup(up.srv.Close)
+	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
+	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
+
+	idle, _, resp := h.connect(authority)
+	wantStatus(t, resp, http.StatusOK, "")
+	idleTLS, err := h.tlsOver(idle, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	busy, _, resp := h.connect(authority)
+	wantStatus(t, resp, http.StatusOK, "")
+	busyTLS, err := h.tlsOver(busy, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		resp *http.Response
+		err  error
+	}
+	got := make(chan result, 1)
+	go func() {
+		if _, err := io.WriteString(busyTLS, "GET /slow HTTP/1.1\r\nHost: "+authority+"\r\n\r\n"); err != nil {
+			got <- result{err: err}
+			return
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(busyTLS), nil)
+		got <- result{resp, err}
+	}()
+	<-entered
+
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		done <- h.proxy.Shutdown(ctx)
+	}()
+	// The idle tunnel is closed promptly, while the busy one waits.
+	_ = idle.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := idleTLS.Read(make([]byte, 1)); err == nil {
+		t.Fatal("an idle tunnel stayed open during shutdown")
+	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatal("an idle tunnel was not closed during shutdown")
+	}
+	close(release)
+	r := <-got
+	if r.err != nil {
+		t.Fatalf("the request in flight was cut: %v", r.err)
+	}
+	wantStatus(t, r.resp, http.StatusOK, "")
+	if a := up.auths[0]; len(a) != 1 || a[0] != "Bearer "+h.canary {
+		t.Fatal("the drained request lost its credential")
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if c, err := net.DialTimeout("tcp", h.addr, time.Second); err == nil {
+		c.Close()
+		t.Fatal("the proxy still accepts connections after shutdown")
 	}
 }
