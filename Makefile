@@ -16,6 +16,7 @@ build:
 
 test: deps lint ## everything CI runs
 	$(GO) test -race -count=1 $(PKGS)
+	$(GO) run ./cmd/broker test configs/tests/*.yaml
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

@@ -48,6 +48,7 @@ commands:
                                 dry run: which rule decides and why the others did not
   ca init  --dir DIR [--permit a.com,b.org]
                                 create an ECDSA P-256 MITM CA
+  test     RULES_TEST.yaml [--config FILE]  run rule unit tests; never contacts a backend
   version                       print version, commit and Go version
 `
 
@@ -67,6 +68,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdValidate(args[1:], stdout, stderr)
 	case "explain":
 		return cmdExplain(args[1:], stdout, stderr)
+	case "test":
+		return cmdTest(args[1:], stdout, stderr)
 	case "ca":
 		if len(args) < 2 || args[1] != "init" {
 			fmt.Fprint(stderr, usage)
