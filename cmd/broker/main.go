@@ -140,7 +140,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "broker:", err)
 			return exitInput
 		}
-		cfg, err = config.Parse("quickstart.yaml (embedded)", dir, configs.Quickstart)
+		cfg, err = config.ParseEmbedded("quickstart.yaml (embedded)", dir, configs.Quickstart)
 	} else {
 		cfg, err = config.LoadFile(*path)
 	}
@@ -160,6 +160,21 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP reloads rules and credentials; a bad file keeps the last good
+	// config (Reload logs every problem).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				_ = rt.Reload()
+			}
+		}
+	}()
 	if err := rt.Run(ctx); err != nil {
 		log.Error("broker stopped", zap.Error(err))
 		return exitInput

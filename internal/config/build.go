@@ -158,6 +158,7 @@ type Runtime struct {
 	proxyTLSServe net.Listener
 	// stopAttestors ends attestors' background work (key refreshes).
 	stopAttestors context.CancelFunc
+	reload        reloadState
 }
 
 // Build validates the file and composes the broker. On error nothing is
@@ -264,6 +265,8 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		OnHit:      metrics.LeafCache.WithLabelValues("hit").Inc,
 	})
 	pipe := &broker.Pipeline{Attestor: chain, Policy: set, Sources: sources, Clock: o.Clock}
+	rt.reload = reloadState{cfg: c, clock: o.Clock, chain: chain, credMetrics: credMetrics,
+		counter: newReloadCounter(rt.Registry)}
 	rt.Proxy, err = intercept.New(intercept.Options{
 		Listener:      "proxy",
 		Pipeline:      pipe,
@@ -574,6 +577,13 @@ func ownClient(roots *x509.CertPool) *http.Client {
 
 // Run serves until ctx ends, then shuts down gracefully.
 func (rt *Runtime) Run(ctx context.Context) error {
+	if c := rt.reload.cfg; c != nil && c.Path != "" && !c.embedded {
+		wctx, stop := context.WithCancel(ctx)
+		defer stop()
+		if err := rt.watch(wctx); err != nil {
+			rt.log.Warn("config changes will not be picked up automatically; send SIGHUP to reload", zap.Error(err))
+		}
+	}
 	errc := make(chan error, 3)
 	go func() { errc <- rt.Proxy.Serve(rt.proxyLn) }()
 	if rt.ProxyTLS != nil {

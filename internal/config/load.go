@@ -50,6 +50,17 @@ type Config struct {
 	// decodeProblems are unknown keys and wrong types, reported by validate
 	// together with everything else.
 	decodeProblems Problems
+	// embedded marks the built-in quick start: there is no file to reload.
+	embedded bool
+}
+
+// ParseEmbedded is Parse for a config compiled into the binary.
+func ParseEmbedded(name, dir string, data []byte) (*Config, error) {
+	c, err := Parse(name, dir, data)
+	if c != nil {
+		c.embedded = true
+	}
+	return c, err
 }
 
 var quotedValue = regexp.MustCompile("cannot unmarshal (!!\\w+) `[^`]*` into")
