@@ -95,6 +95,10 @@ func (rt *Runtime) reloadLocked(st *reloadState) error {
 			rt.log.Warn("config: this section changed but needs a restart to apply; the running value stays", zap.String("section", ch.name))
 		}
 	}
+	if len(c.Rules) == 0 && len(old.Rules) > 0 {
+		// Valid, and fails closed, but rarely meant: say so loudly.
+		rt.log.Warn("config: the reloaded file has no rules; every request is now denied", zap.String("file", c.Path))
+	}
 	pipe := &broker.Pipeline{Attestor: st.chain, Policy: set, Sources: sources, Clock: st.clock}
 	rt.Proxy.SetPipeline(pipe)
 	if rt.ProxyTLS != nil {

@@ -1,0 +1,394 @@
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// reloadBase is the part of the reload test's config that never changes;
+// the rules and credentials follow the marker line and are swapped by the
+// test.
+const reloadBase = baseConfig + `
+# --- rules and credentials below are rewritten by the test ---
+`
+
+const reloadMarker = "# --- rules and credentials below are rewritten by the test ---\n"
+
+// reloadRules renders config A or B's credentials and rules: rule v-X
+// allows GET /x on the upstream and injects credential cred-X.
+func reloadRules(which string, port int) string {
+	lower := strings.ToLower(which)
+	return fmt.Sprintf(`credentials:
+  cred-%[1]s: {source: static, value: env:KG_E2E_TOKEN_%[2]s}
+rules:
+  - name: v-%[1]s
+    hosts: [localhost]
+    ports: [%[3]d]
+    when: 'request.path == "/x"'
+    inject: {credential: cred-%[1]s, as: bearer}
+`, lower, which, port)
+}
+
+// reloadBroken are the broken rule sections the test rotates through;
+// "empty" (text "") stands for an empty file, not an empty rules section
+// (a config without rules is valid: it denies everything).
+func reloadBroken(port int) []struct{ what, text string } {
+	return []struct{ what, text string }{
+		{"yaml syntax error", "credentials:\n  cred-b: {source: static, value: env:KG_E2E_TOKEN_B\nrules: [\n  - name: v-b\n"},
+		{"unknown key", strings.Replace(reloadRules("B", port), "    when:", "    colour: red\n    when:", 1)},
+		{"bad CEL", strings.Replace(reloadRules("B", port), `'request.path == "/x"'`, `'request.path == '`, 1)},
+		{"type error", strings.Replace(reloadRules("B", port), fmt.Sprintf("ports: [%d]", port), "ports: [not-a-port]", 1)},
+		{"undefined credential", strings.Replace(reloadRules("B", port), "credential: cred-b,", "credential: cred-nope,", 1)},
+		{"empty", ""},
+	}
+}
+
+// writeAtomic replaces path with data the way editors and config
+// management do: a temp file in the same directory, then rename.
+func writeAtomic(t *testing.T, path string, data []byte) {
+	t.Helper()
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".reload-tmp-*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		t.Fatal(err)
+	}
+	if err := tmp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(tmp.Name(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// configPath is the --config argument the broker was started with.
+func (b *brokerProc) configPath(t *testing.T) string {
+	t.Helper()
+	args := b.cmd.Args
+	for i := range args {
+		if args[i] == "--config" && i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	t.Fatalf("broker %s was not started with --config: %q", b.name, args)
+	return ""
+}
+
+// metric returns the value of one sample line from the admin /metrics
+// page (name with labels exactly as exposed), 0 when absent.
+func (b *brokerProc) metric(t *testing.T, series string) float64 {
+	t.Helper()
+	client := &http.Client{Timeout: testTimeout, Transport: &http.Transport{Proxy: nil}}
+	defer client.CloseIdleConnections()
+	resp, err := client.Get("http://" + b.adminAddr + "/metrics")
+	if err != nil {
+		t.Fatalf("GET /metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+			if err != nil {
+				t.Fatalf("/metrics: %q: %v", line, err)
+			}
+			return v
+		}
+	}
+	return 0
+}
+
+// auditLines returns every decision line of the broker's output by
+// request id.
+func (b *brokerProc) auditLines() map[string]map[string]any {
+	out := map[string]map[string]any{}
+	for _, line := range bytes.Split(b.output(), []byte("\n")) {
+		if !bytes.Contains(line, []byte(`"decision"`)) {
+			continue
+		}
+		var m map[string]any
+		if json.Unmarshal(line, &m) == nil && m["msg"] == "decision" {
+			if id, _ := m["request_id"].(string); id != "" {
+				out[id] = m
+			}
+		}
+	}
+	return out
+}
+
+// loadResult is what one load-generator request saw.
+type loadResult struct {
+	status    int
+	requestID string
+	body      string
+	err       error
+	start     time.Time
+	end       time.Time
+}
+
+// TestReloadUnderLoad: 50 alternating good/broken reloads (atomic file
+// rewrites seen by the directory watch, and SIGHUP) while 8 keep-alive
+// clients send GET /x through intercepted tunnels. Every request succeeds,
+// every upstream request carries exactly one credential of the old or the
+// new config, every decision pairs the rule with its own credential, the
+// reload counters move, and the final config decides the last requests.
+func TestReloadUnderLoad(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	credA, credB := h.canary+"-A", h.canary+"-B"
+	bearerA, bearerB := "Bearer "+credA, "Bearer "+credB
+	up := newUpstream(t, "reload", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Tell the client which credential arrived, without echoing it.
+		switch v := r.Header.Values("Authorization"); {
+		case len(v) == 1 && v[0] == bearerA:
+			io.WriteString(w, "cred A")
+		case len(v) == 1 && v[0] == bearerB:
+			io.WriteString(w, "cred B")
+		default:
+			io.WriteString(w, fmt.Sprintf("cred ? (%d values)", len(v)))
+		}
+	}))
+	port := up.port()
+	b := h.start(brokerSpec{
+		name:   "reload",
+		config: reloadBase + reloadRules("A", port),
+		env:    []string{"KG_E2E_TOKEN_A=" + credA, "KG_E2E_TOKEN_B=" + credB},
+	}, nil)
+	cfgPath := b.configPath(t)
+	cur, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, _, ok := strings.Cut(string(cur), reloadMarker)
+	if !ok {
+		t.Fatalf("rendered config lacks the marker line")
+	}
+	base += reloadMarker
+	const (
+		failSeries    = `keygate_config_reloads_total{result="failure"}`
+		successSeries = `keygate_config_reloads_total{result="success"}`
+	)
+	fail0, succ0 := b.metric(t, failSeries), b.metric(t, successSeries)
+
+	// The load generator: 8 keep-alive clients, until told to stop.
+	target := fmt.Sprintf("https://localhost:%d/x", port)
+	stop := make(chan struct{})
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		results []loadResult
+	)
+	for g := 0; g < 8; g++ {
+		client := h.goClient(b)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				r := loadResult{start: time.Now()}
+				resp, err := client.Get(target)
+				if err == nil {
+					var body []byte
+					body, err = io.ReadAll(resp.Body)
+					resp.Body.Close()
+					r.status, r.requestID, r.body = resp.StatusCode, resp.Header.Get("X-Keygate-Request-Id"), string(body)
+					h.recordResponse("reload load GET /x", resp, body)
+				}
+				r.err, r.end = err, time.Now()
+				mu.Lock()
+				results = append(results, r)
+				mu.Unlock()
+			}
+		}()
+	}
+	stopLoad := sync.OnceFunc(func() { close(stop); wg.Wait() })
+	t.Cleanup(stopLoad)
+
+	// 50 reloads: B, broken, A, broken, ... Steps 1 and 2 of every four are
+	// signalled with SIGHUP right after the write (a quick step); steps 0
+	// and 3 rely on the directory watch alone and wait out its debounce.
+	broken := reloadBroken(port)
+	brokenWrites := 0
+	time.Sleep(300 * time.Millisecond) // some traffic under A first
+	for i := 0; i < 50; i++ {
+		var text string
+		switch i % 4 {
+		case 0:
+			text = reloadRules("B", port)
+		case 2:
+			text = reloadRules("A", port)
+		default:
+			text = broken[brokenWrites%len(broken)].text
+			brokenWrites++
+		}
+		data := base + text
+		if text == "" {
+			data = "" // the empty file
+		}
+		writeAtomic(t, cfgPath, []byte(data))
+		if m := i % 4; m == 1 || m == 2 {
+			if err := b.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+				t.Fatalf("SIGHUP: %v", err)
+			}
+			time.Sleep(30 * time.Millisecond)
+		} else {
+			time.Sleep(260 * time.Millisecond)
+		}
+		if b.exited() {
+			t.Fatalf("broker exited during reload %d:\n%s", i, redactCanary(string(b.output())))
+		}
+	}
+	// The final config is B: write it once more, SIGHUP, and outlast the
+	// watcher's debounce so no reload is still pending.
+	writeAtomic(t, cfgPath, []byte(base+reloadRules("B", port)))
+	if err := b.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatalf("SIGHUP: %v", err)
+	}
+	time.Sleep(600 * time.Millisecond)
+	stopLoad()
+
+	// The last requests are decided by the final config.
+	final := h.goClient(b)
+	var finalIDs []string
+	for i := 0; i < 5; i++ {
+		resp, err := final.Get(target)
+		if err != nil {
+			t.Fatalf("final GET /x: %v", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		h.recordResponse("reload final GET /x", resp, body)
+		if resp.StatusCode != http.StatusOK || string(body) != "cred B" {
+			t.Errorf("final GET /x: %s %q, want 200 \"cred B\" (the final config)", resp.Status, redactCanary(string(body)))
+		}
+		finalIDs = append(finalIDs, resp.Header.Get("X-Keygate-Request-Id"))
+	}
+	for _, id := range finalIDs {
+		if line := b.auditLine(t, id); line["rule"] != "v-b" || line["credential.name"] != "cred-b" {
+			t.Errorf("final request %s: audit rule %v credential %v, want v-b / cred-b", id, line["rule"], line["credential.name"])
+		}
+	}
+
+	// Every load request: 200, the body names A or B, and its audit line
+	// pairs the rule with the same credential.
+	mu.Lock()
+	res := append([]loadResult(nil), results...)
+	mu.Unlock()
+	if len(res) < 50 {
+		t.Errorf("the load generator completed only %d requests", len(res))
+	}
+	var audit map[string]map[string]any
+	deadline := time.Now().Add(testTimeout)
+	for {
+		audit = b.auditLines()
+		missing := 0
+		for _, r := range res {
+			if r.err == nil && audit[r.requestID] == nil {
+				missing++
+			}
+		}
+		if missing == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	failed, seenA, seenB := 0, 0, 0
+	fingerprints := map[string]string{} // credential name -> fingerprint
+	for i, r := range res {
+		bad := func(format string, args ...any) {
+			failed++
+			if failed <= 10 {
+				t.Errorf("load request %d (started %s, took %v): %s", i, r.start.Format("15:04:05.000"), r.end.Sub(r.start),
+					redactCanary(fmt.Sprintf(format, args...)))
+			}
+		}
+		if r.err != nil {
+			bad("error: %v", r.err)
+			continue
+		}
+		if r.status != http.StatusOK {
+			bad("status %d, body %q", r.status, r.body)
+			continue
+		}
+		var wantRule, wantCred string
+		switch r.body {
+		case "cred A":
+			seenA++
+			wantRule, wantCred = "v-a", "cred-a"
+		case "cred B":
+			seenB++
+			wantRule, wantCred = "v-b", "cred-b"
+		default:
+			bad("upstream saw %s", r.body)
+			continue
+		}
+		line := audit[r.requestID]
+		if line == nil {
+			bad("no audit line for request id %q", r.requestID)
+			continue
+		}
+		if line["rule"] != wantRule || line["credential.name"] != wantCred || line["decision"] != "allow" {
+			bad("upstream got %s but the audit line says rule %v credential %v decision %v (a mix of configs)",
+				r.body, line["rule"], line["credential.name"], line["decision"])
+		}
+		fp, _ := line["credential.fingerprint"].(string)
+		if prev, ok := fingerprints[wantCred]; ok && prev != fp {
+			bad("credential %s has two fingerprints: %q and %q", wantCred, prev, fp)
+		}
+		fingerprints[wantCred] = fp
+	}
+	if failed > 10 {
+		t.Errorf("... %d failed load requests in all (of %d)", failed, len(res))
+	}
+	if seenA == 0 || seenB == 0 {
+		t.Errorf("load requests decided under A: %d, under B: %d; want both", seenA, seenB)
+	}
+	if fa, fb := fingerprints["cred-a"], fingerprints["cred-b"]; fa == "" || fb == "" || fa == fb {
+		t.Errorf("credential fingerprints A %q, B %q: want two different non-empty values", fa, fb)
+	}
+
+	// Every upstream request: exactly one Authorization, A's or B's.
+	reqs := up.requests()
+	if len(reqs) < seenA+seenB {
+		t.Errorf("upstream received %d requests, fewer than the %d answered", len(reqs), seenA+seenB)
+	}
+	for i, r := range reqs {
+		if len(r.Auth) != 1 || (r.Auth[0] != bearerA && r.Auth[0] != bearerB) {
+			t.Errorf("upstream request %d: Authorization %s, want exactly one of A's or B's",
+				i, describeAuth(r.Auth, bearerA))
+		}
+	}
+
+	// The counters moved both ways; the rejections were logged.
+	fail, succ := b.metric(t, failSeries)-fail0, b.metric(t, successSeries)-succ0
+	t.Logf("%d load requests (A %d, B %d); %d broken writes; reloads: %v success, %v failure", len(res), seenA, seenB, brokenWrites, succ, fail)
+	if fail < 1 || succ < 1 {
+		t.Errorf("keygate_config_reloads_total moved by success %v, failure %v; want both ≥ 1", succ, fail)
+	}
+	if !bytes.Contains(b.output(), []byte("config reload rejected")) {
+		t.Errorf("no \"config reload rejected\" line in the broker log")
+	}
+}
