@@ -15,8 +15,8 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/broker ./cmd/broker
 
 test: deps lint ## everything CI runs
-	$(GO) test -race -count=1 $(PKGS)
 	$(GO) run ./cmd/broker test configs/tests/*.yaml
+	$(GO) test -race -count=1 $(PKGS)
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
