@@ -110,6 +110,14 @@ func Parse(name, dir string, data []byte) (*Config, error) {
 }
 
 func (c *Config) yamlProblems(err error) Problems {
+	return YAMLProblems(c.Path, err, strings.NewReplacer(" in type config.", " in "))
+}
+
+// YAMLProblems turns a yaml.v3 error into Problems of file, sorted by line.
+// names rewrites Go type names in messages into the file's own words. A
+// mistyped value that yaml.v3 quotes is never repeated: it may be a secret
+// pasted where a reference belongs.
+func YAMLProblems(file string, err error, names *strings.Replacer) Problems {
 	var msgs []string
 	var te *yaml.TypeError
 	if errors.As(err, &te) {
@@ -119,14 +127,12 @@ func (c *Config) yamlProblems(err error) Problems {
 	}
 	ps := make(Problems, 0, len(msgs))
 	for _, m := range msgs {
-		p := Problem{File: c.Path, Msg: m}
+		p := Problem{File: file, Msg: m}
 		if sm := yamlLine.FindStringSubmatch(m); sm != nil {
 			p.Line, _ = strconv.Atoi(sm[1])
 			p.Msg = sm[2]
 		}
-		p.Msg = strings.ReplaceAll(p.Msg, " in type config.", " in ")
-		// yaml.v3 quotes the start of a mistyped value; that value may be a
-		// secret pasted where a reference belongs, so never repeat it.
+		p.Msg = names.Replace(p.Msg)
 		p.Msg = quotedValue.ReplaceAllString(p.Msg, "cannot unmarshal $1 value into")
 		ps = append(ps, p)
 	}
@@ -134,14 +140,18 @@ func (c *Config) yamlProblems(err error) Problems {
 	return ps
 }
 
-// line finds the line of a node by path: string keys and int indexes. It
-// returns the deepest line found, so a message still points near the
-// problem when the exact key is absent.
+// line finds the line of a node of this file by path (see NodeLine).
 func (c *Config) line(path ...any) int {
 	if c.root == nil {
 		return 0
 	}
-	n := c.root
+	return NodeLine(c.root, path...)
+}
+
+// NodeLine finds the line of a YAML node by path: string keys and int
+// indexes. It returns the deepest line found, so a message still points near
+// the problem when the exact key is absent.
+func NodeLine(n *yaml.Node, path ...any) int {
 	if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
 		n = n.Content[0]
 	}

@@ -13,7 +13,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -113,6 +112,14 @@ type expectYAML struct {
 
 // Friendly names for the decoder's type names in messages.
 var typeNames = strings.NewReplacer(
+	" in type ruletest.fileYAML", " in the test file",
+	" in type ruletest.caseYAML", " in a test",
+	" in type ruletest.identityYAML", " in identity",
+	" in type ruletest.processYAML", " in identity.process",
+	" in type ruletest.delegatorYAML", " in identity.delegator",
+	" in type ruletest.requestYAML", " in request",
+	" in type ruletest.expectYAML", " in expect",
+	" in type ", " in ",
 	"ruletest.fileYAML", "the test file",
 	"ruletest.caseYAML", "a test",
 	"ruletest.identityYAML", "identity",
@@ -120,11 +127,6 @@ var typeNames = strings.NewReplacer(
 	"ruletest.delegatorYAML", "identity.delegator",
 	"ruletest.requestYAML", "request",
 	"ruletest.expectYAML", "expect",
-)
-
-var (
-	yamlLine    = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
-	quotedValue = regexp.MustCompile("cannot unmarshal (!!\\w+) `[^`]*` into")
 )
 
 var knownMethods = map[string]bool{
@@ -213,66 +215,15 @@ func (p *parser) add(line int, msg string) {
 }
 
 func (p *parser) yamlProblems(err error) config.Problems {
-	var msgs []string
-	var te *yaml.TypeError
-	if errors.As(err, &te) {
-		msgs = te.Errors
-	} else {
-		msgs = []string{err.Error()}
-	}
-	ps := make(config.Problems, 0, len(msgs))
-	for _, m := range msgs {
-		pr := config.Problem{File: p.name, Msg: m}
-		if sm := yamlLine.FindStringSubmatch(m); sm != nil {
-			pr.Line, _ = strconv.Atoi(sm[1])
-			pr.Msg = sm[2]
-		}
-		pr.Msg = typeNames.Replace(strings.ReplaceAll(pr.Msg, " in type ", " in "))
-		pr.Msg = quotedValue.ReplaceAllString(pr.Msg, "cannot unmarshal $1 value into")
-		ps = append(ps, pr)
-	}
-	return ps
+	return config.YAMLProblems(p.name, err, typeNames)
 }
 
-// line finds the line of a node by path of string keys and int indexes,
-// the deepest found.
+// line finds the line of a node of the test file by path.
 func (p *parser) line(path ...any) int {
-	n := p.root
-	if n == nil {
+	if p.root == nil {
 		return 1
 	}
-	best := n.Line
-	for _, el := range path {
-		var next *yaml.Node
-		switch k := el.(type) {
-		case string:
-			if n.Kind != yaml.MappingNode {
-				return best
-			}
-			for i := 0; i+1 < len(n.Content); i += 2 {
-				if n.Content[i].Value == k {
-					next = n.Content[i+1]
-					if next.Kind == yaml.ScalarNode {
-						best = next.Line
-					} else {
-						best = n.Content[i].Line
-					}
-					break
-				}
-			}
-		case int:
-			if n.Kind != yaml.SequenceNode || k >= len(n.Content) {
-				return best
-			}
-			next = n.Content[k]
-			best = next.Line
-		}
-		if next == nil {
-			return best
-		}
-		n = next
-	}
-	return best
+	return config.NodeLine(p.root, path...)
 }
 
 func (p *parser) checkCase(i int, y *caseYAML) (Case, bool) {
