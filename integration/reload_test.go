@@ -145,6 +145,67 @@ type loadResult struct {
 	end       time.Time
 }
 
+// load is a load generator: 8 keep-alive Go clients through the broker,
+// each sending GET target until stopped.
+type load struct {
+	stop func()
+	mu   sync.Mutex
+	done []loadResult
+}
+
+// startLoad starts the generator; the test's cleanup stops it. With
+// keepBody the bodies go into the transcript the canary scan reads.
+func (h *harness) startLoad(b *brokerProc, target, what string, keepBody bool) *load {
+	l := &load{}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		client := h.goClient(b)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				r := loadResult{start: time.Now()}
+				resp, err := client.Get(target)
+				if err == nil {
+					var body []byte
+					body, err = io.ReadAll(resp.Body)
+					resp.Body.Close()
+					r.status, r.requestID, r.body = resp.StatusCode, resp.Header.Get("X-Keygate-Request-Id"), string(body)
+					if !keepBody {
+						body = nil
+					}
+					h.recordResponse(what, resp, body)
+				}
+				r.err, r.end = err, time.Now()
+				l.mu.Lock()
+				l.done = append(l.done, r)
+				l.mu.Unlock()
+				if err != nil {
+					// A proxy that refuses connections (after SIGTERM) is
+					// not hammered.
+					time.Sleep(20 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	l.stop = sync.OnceFunc(func() { close(stop); wg.Wait() })
+	h.t.Cleanup(l.stop)
+	return l
+}
+
+// results copies what the clients saw so far.
+func (l *load) results() []loadResult {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]loadResult(nil), l.done...)
+}
+
 // TestReloadUnderLoad: 50 alternating good/broken reloads (atomic file
 // rewrites seen by the directory watch, and SIGHUP) while 8 keep-alive
 // clients send GET /x through intercepted tunnels. Every request succeeds,
@@ -191,41 +252,8 @@ func TestReloadUnderLoad(t *testing.T) {
 
 	// The load generator: 8 keep-alive clients, until told to stop.
 	target := fmt.Sprintf("https://localhost:%d/x", port)
-	stop := make(chan struct{})
-	var (
-		wg      sync.WaitGroup
-		mu      sync.Mutex
-		results []loadResult
-	)
-	for g := 0; g < 8; g++ {
-		client := h.goClient(b)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				r := loadResult{start: time.Now()}
-				resp, err := client.Get(target)
-				if err == nil {
-					var body []byte
-					body, err = io.ReadAll(resp.Body)
-					resp.Body.Close()
-					r.status, r.requestID, r.body = resp.StatusCode, resp.Header.Get("X-Keygate-Request-Id"), string(body)
-					h.recordResponse("reload load GET /x", resp, body)
-				}
-				r.err, r.end = err, time.Now()
-				mu.Lock()
-				results = append(results, r)
-				mu.Unlock()
-			}
-		}()
-	}
-	stopLoad := sync.OnceFunc(func() { close(stop); wg.Wait() })
-	t.Cleanup(stopLoad)
+	load := h.startLoad(b, target, "reload load GET /x", true)
+	stopLoad := load.stop
 
 	// 50 reloads: B, broken, A, broken, ... Steps 1 and 2 of every four are
 	// signalled with SIGHUP right after the write (a quick step); steps 0
@@ -294,9 +322,7 @@ func TestReloadUnderLoad(t *testing.T) {
 
 	// Every load request: 200, the body names A or B, and its audit line
 	// pairs the rule with the same credential.
-	mu.Lock()
-	res := append([]loadResult(nil), results...)
-	mu.Unlock()
+	res := load.results()
 	if len(res) < 50 {
 		t.Errorf("the load generator completed only %d requests", len(res))
 	}

@@ -3,9 +3,7 @@ package integration
 import (
 	"bytes"
 	"fmt"
-	"io"
 	"net/http"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -34,48 +32,8 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	b := h.startAPI(up)
 	target := fmt.Sprintf("https://localhost:%d/x", up.port())
 
-	stop := make(chan struct{})
-	var (
-		wg      sync.WaitGroup
-		mu      sync.Mutex
-		results []loadResult
-	)
-	for g := 0; g < 8; g++ {
-		client := h.goClient(b)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				r := loadResult{start: time.Now()}
-				resp, err := client.Get(target)
-				if err == nil {
-					var body []byte
-					body, err = io.ReadAll(resp.Body)
-					resp.Body.Close()
-					r.status, r.requestID, r.body = resp.StatusCode, resp.Header.Get("X-Keygate-Request-Id"), string(body)
-					// A short body is recorded as such below; keep the
-					// transcript small (the bodies hold no secret).
-					h.recordResponse("sigterm load GET /x", resp, nil)
-				}
-				r.err, r.end = err, time.Now()
-				mu.Lock()
-				results = append(results, r)
-				mu.Unlock()
-				if err != nil {
-					// After SIGTERM the proxy refuses new connections;
-					// do not spin on them.
-					time.Sleep(20 * time.Millisecond)
-				}
-			}
-		}()
-	}
-	stopLoad := sync.OnceFunc(func() { close(stop); wg.Wait() })
-	t.Cleanup(stopLoad)
+	load := h.startLoad(b, target, "sigterm load GET /x", false)
+	stopLoad := load.stop
 
 	time.Sleep(1200 * time.Millisecond) // several rounds of requests, then SIGTERM mid-response
 	sigAt := time.Now()
@@ -97,9 +55,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // let clients observe the closed connections
 	stopLoad()
 
-	mu.Lock()
-	res := append([]loadResult(nil), results...)
-	mu.Unlock()
+	res := load.results()
 	ok, errs, inflightDone, bad := 0, 0, 0, 0
 	for i, r := range res {
 		switch {
