@@ -319,6 +319,21 @@ func (h *harness) connect(authority string) (net.Conn, *bufio.Reader, *http.Resp
 	return c, br, resp
 }
 
+// tunnel opens an intercepted tunnel to authority (an IP literal) and
+// completes TLS inside it.
+func (h *harness) tunnel(authority string) *tls.Conn {
+	h.t.Helper()
+	c, _, resp := h.connect(authority)
+	if resp.StatusCode != http.StatusOK {
+		h.t.Fatalf("CONNECT %s: %d", authority, resp.StatusCode)
+	}
+	tc, err := h.tlsOver(c, "127.0.0.1")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return tc
+}
+
 func (h *harness) tlsOver(c net.Conn, sni string) (*tls.Conn, error) {
 	pool := x509.NewCertPool()
 	pool.AddCert(h.ca.Certificate())

@@ -40,12 +40,7 @@ func TestInjectionReplacesAllVariants(t *testing.T) {
 	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
 	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
 
-	c, _, resp := h.connect(authority)
-	wantStatus(t, resp, http.StatusOK, "")
-	tc, err := h.tlsOver(c, "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	tc := h.tunnel(authority)
 	got := h.rawRequest(tc, "GET /repos HTTP/1.1\r\nHost: "+authority+"\r\n"+
 		"authorization: Bearer WORKLOAD\r\nAUTHORIZATION: Bearer SHOUT\r\nAuthorization: one\r\nAuthorization: two\r\n"+
 		"Proxy-Authorization: Basic d29ya2xvYWQ=\r\n\r\n")
@@ -411,12 +406,7 @@ func TestHandlerPanicIsContained(t *testing.T) {
 
 	// A long-lived tunnel opened before the panic must survive it.
 	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
-	c, _, resp := h.connect(authority)
-	wantStatus(t, resp, http.StatusOK, "")
-	other, err := h.tlsOver(c, "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	other := h.tunnel(authority)
 
 	for _, path := range []string{"/boom", "/boom"} {
 		req, _ := http.NewRequest(http.MethodGet, up.srv.URL+path, nil)
@@ -444,12 +434,7 @@ func TestHeaderLimits(t *testing.T) {
 	big := "X-Big: " + strings.Repeat("a", 200<<10) + "\r\n"
 
 	t.Run("inside a tunnel", func(t *testing.T) {
-		c, _, resp := h.connect(authority)
-		wantStatus(t, resp, http.StatusOK, "")
-		tc, err := h.tlsOver(c, "127.0.0.1")
-		if err != nil {
-			t.Fatal(err)
-		}
+		tc := h.tunnel(authority)
 		got := h.rawRequest(tc, "GET / HTTP/1.1\r\nHost: "+authority+"\r\n"+big+"\r\n")
 		if got.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
 			t.Fatalf("status = %d, want 431", got.StatusCode)
@@ -468,18 +453,13 @@ func TestHeaderLimits(t *testing.T) {
 		}
 	})
 	t.Run("slow headers inside a tunnel are cut off", func(t *testing.T) {
-		c, _, resp := h.connect(authority)
-		wantStatus(t, resp, http.StatusOK, "")
-		tc, err := h.tlsOver(c, "127.0.0.1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		tc := h.tunnel(authority)
+		_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
 		if _, err := io.WriteString(tc, "GET / HTTP/1.1\r\nHost: "+authority+"\r\nX-Slow: a"); err != nil {
 			t.Fatal(err)
 		}
 		start := time.Now()
-		_, err = io.ReadAll(tc)
+		_, err := io.ReadAll(tc)
 		if ne, ok := err.(net.Error); ok && ne.Timeout() {
 			t.Fatalf("the broker kept a slow request open past its read-header timeout (%v)", time.Since(start))
 		}
@@ -565,12 +545,7 @@ func TestMethodsRefused(t *testing.T) {
 		"TRACE / HTTP/1.1\r\nHost: " + authority + "\r\n\r\n",
 		"CONNECT " + authority + " HTTP/1.1\r\nHost: " + authority + "\r\n\r\n",
 	} {
-		c, _, resp := h.connect(authority)
-		wantStatus(t, resp, http.StatusOK, "")
-		tc, err := h.tlsOver(c, "127.0.0.1")
-		if err != nil {
-			t.Fatal(err)
-		}
+		tc := h.tunnel(authority)
 		got := h.rawRequest(tc, raw)
 		wantStatus(t, got, http.StatusMethodNotAllowed, broker.CodeMethodNotAllowed)
 	}
@@ -591,12 +566,7 @@ func TestTrailersNotForwarded(t *testing.T) {
 	t.Cleanup(up.srv.Close)
 	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
 	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
-	c, _, resp := h.connect(authority)
-	wantStatus(t, resp, http.StatusOK, "")
-	tc, err := h.tlsOver(c, "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	tc := h.tunnel(authority)
 	got := h.rawRequest(tc, "POST / HTTP/1.1\r\nHost: "+authority+"\r\nTransfer-Encoding: chunked\r\nTrailer: Authorization\r\n\r\n"+
 		"3\r\nabc\r\n0\r\nAuthorization: Bearer SMUGGLED\r\n\r\n")
 	wantStatus(t, got, http.StatusOK, "")
@@ -627,12 +597,7 @@ func TestDelegation(t *testing.T) {
 	rule.When = `delegator.sub == "alice"`
 	h := newHarness(t, harnessOpts{rules: []rules.Spec{rule}, roots: []*httptest.Server{up.srv}, deleg: fakeDelegation{}})
 	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
-	c, _, resp := h.connect(authority)
-	wantStatus(t, resp, http.StatusOK, "")
-	tc, err := h.tlsOver(c, "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	tc := h.tunnel(authority)
 	tests := []struct {
 		name   string
 		header string
@@ -705,12 +670,7 @@ func TestTunnelEndsWhenIdentityExpires(t *testing.T) {
 		clock:  clock,
 	})
 	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
-	c, _, resp := h.connect(authority)
-	wantStatus(t, resp, http.StatusOK, "")
-	tc, err := h.tlsOver(c, "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	tc := h.tunnel(authority)
 	req := "GET / HTTP/1.1\r\nHost: " + authority + "\r\n\r\n"
 	wantStatus(t, h.rawRequest(tc, req), http.StatusOK, "")
 	clock.advance(time.Minute)
@@ -739,18 +699,8 @@ func TestGracefulShutdown(t *testing.T) {
 	h := newHarness(t, harnessOpts{rules: []rules.Spec{bearerRule("inject", "127.0.0.1")}, roots: []*httptest.Server{up.srv}})
 	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
 
-	idle, _, resp := h.connect(authority)
-	wantStatus(t, resp, http.StatusOK, "")
-	idleTLS, err := h.tlsOver(idle, "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	busy, _, resp := h.connect(authority)
-	wantStatus(t, resp, http.StatusOK, "")
-	busyTLS, err := h.tlsOver(busy, "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	idleTLS := h.tunnel(authority)
+	busyTLS := h.tunnel(authority)
 	type result struct {
 		resp *http.Response
 		err  error
@@ -773,7 +723,7 @@ func TestGracefulShutdown(t *testing.T) {
 		done <- h.proxy.Shutdown(ctx)
 	}()
 	// The idle tunnel is closed promptly, while the busy one waits.
-	_ = idle.SetReadDeadline(time.Now().Add(3 * time.Second))
+	_ = idleTLS.SetReadDeadline(time.Now().Add(3 * time.Second))
 	if _, err := idleTLS.Read(make([]byte, 1)); err == nil {
 		t.Fatal("an idle tunnel stayed open during shutdown")
 	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
