@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"sort"
 	"time"
 
 	"go.uber.org/zap/zapcore"
@@ -31,11 +32,14 @@ type Record struct {
 	CredKind    string
 	CredFP      string
 	CredExpires time.Time
-	Status      int
-	BytesIn     int64
-	BytesOut    int64
-	Duration    time.Duration
-	Error       string
+	// CredMeta is the credential's non-secret audit detail (a Vault path, a
+	// lease id prefix, an assumed role), written as credential.<key>.
+	CredMeta map[string]string
+	Status   int
+	BytesIn  int64
+	BytesOut int64
+	Duration time.Duration
+	Error    string
 }
 
 // MarshalLogObject writes the record with the field names of DESIGN.md §8.
@@ -60,10 +64,29 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	} else {
 		enc.AddString("credential.expires", "")
 	}
+	for _, k := range sortedKeys(r.CredMeta) {
+		switch k {
+		case "name", "kind", "fingerprint", "expires":
+			continue // a source cannot overwrite the broker's own fields
+		}
+		enc.AddString("credential."+k, r.CredMeta[k])
+	}
 	enc.AddInt("status", r.Status)
 	enc.AddInt64("bytes_in", r.BytesIn)
 	enc.AddInt64("bytes_out", r.BytesOut)
 	enc.AddFloat64("duration_ms", float64(r.Duration.Microseconds())/1000)
 	enc.AddString("error", r.Error)
 	return nil
+}
+
+func sortedKeys(m map[string]string) []string {
+	if len(m) == 0 {
+		return nil
+	}
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
 }

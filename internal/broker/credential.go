@@ -19,6 +19,12 @@ const (
 	FieldToken    = "token"
 	FieldUsername = "username"
 	FieldPassword = "password"
+
+	// AWS credentials (aws_sts, or static for tests): read by the sigv4
+	// injector.
+	FieldAccessKeyID     = "access_key_id"
+	FieldSecretAccessKey = "secret_access_key"
+	FieldSessionToken    = "session_token"
 )
 
 // Credential is one fetched or minted credential, used for one request (or

@@ -17,6 +17,7 @@ const (
 	CodeMisdirected           = "misdirected_request"
 	CodeBadRequest            = "bad_request"
 	CodeHeaderTooLarge        = "header_too_large"
+	CodePayloadTooLarge       = "payload_too_large"
 	CodeMethodNotAllowed      = "method_not_allowed"
 	CodeCredentialUnavailable = "credential_unavailable"
 	CodeCredentialMalformed   = "credential_malformed"
@@ -37,6 +38,7 @@ var codeStatus = map[string]int{
 	CodeMisdirected:           http.StatusMisdirectedRequest,
 	CodeBadRequest:            http.StatusBadRequest,
 	CodeHeaderTooLarge:        http.StatusRequestHeaderFieldsTooLarge,
+	CodePayloadTooLarge:       http.StatusRequestEntityTooLarge,
 	CodeMethodNotAllowed:      http.StatusMethodNotAllowed,
 	CodeCredentialUnavailable: http.StatusServiceUnavailable,
 	CodeCredentialMalformed:   http.StatusBadGateway,

@@ -91,6 +91,15 @@ func (p *Pipeline) Authorize(ctx context.Context, id Identity, t Target, r *http
 	}
 	if err := d.Inject.Injector.Inject(r, c); err != nil {
 		releaseNow(c)
+		// An injector that refuses the request itself (a pre-signed URL, a
+		// body over the signing limit) says so with its own *Error.
+		var be *Error
+		if errors.As(err, &be) {
+			if be.Rule == "" {
+				be.Rule = d.Rule
+			}
+			return d, Credential{}, be
+		}
 		return d, Credential{}, &Error{Code: CodeCredentialMalformed, Rule: d.Rule,
 			Message: fmt.Sprintf("credential %q could not be injected", c.Name), Err: err}
 	}

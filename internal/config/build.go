@@ -78,7 +78,7 @@ func (c *Config) compileRules(clock broker.Clock) (*rules.Set, Problems) {
 			Pos:            rules.Pos{File: c.Path, Line: c.line("rules", i)},
 		}
 		if r.Inject != nil && !r.Inject.As.bad {
-			inj, err := buildInjector(r.Inject.As)
+			inj, err := buildInjector(r.Inject.As, clock)
 			if err != nil {
 				ps = append(ps, c.problem(fmt.Sprintf("rule %q: %v", r.Name, err), "rules", i, "inject", "as"))
 			}
@@ -104,7 +104,7 @@ func (c *Config) compileRules(clock broker.Clock) (*rules.Set, Problems) {
 	return set, ps
 }
 
-func buildInjector(as InjectAs) (broker.Injector, error) {
+func buildInjector(as InjectAs, clock broker.Clock) (broker.Injector, error) {
 	switch as.Kind {
 	case "bearer":
 		return inject.Bearer(), nil
@@ -115,11 +115,11 @@ func buildInjector(as InjectAs) (broker.Injector, error) {
 	case "query":
 		return inject.Query(as.Query.Name)
 	case "sigv4":
-		return nil, errors.New("inject.as sigv4 " + notInThisBuild)
+		return buildSigV4(as.SigV4, clock)
 	case "":
-		return nil, errors.New("inject.as is required (bearer, basic, {header: {name, format}} or {query: {name}})")
+		return nil, errors.New("inject.as is required (bearer, basic, sigv4, {header: {name, format}} or {query: {name}})")
 	}
-	return nil, fmt.Errorf("inject.as: unknown injector %q (want bearer, basic, header or query)", as.Kind)
+	return nil, fmt.Errorf("inject.as: unknown injector %q (want bearer, basic, sigv4, header or query)", as.Kind)
 }
 
 func sortProblems(ps Problems) Problems {
@@ -206,12 +206,13 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		}
 	}
 
-	sources, sps := c.buildSources(o.Clock, credMetrics)
-	ps = append(ps, sps...)
 	roots, err := c.upstreamRoots(authority)
 	if err != nil {
 		ps = append(ps, c.problem(err.Error(), "egress", "ca_bundle"))
 	}
+	srcEnv := sourceEnv{ctx: context.Background(), clock: o.Clock, metrics: credMetrics, roots: roots, spiffe: c.spiffeSocket()}
+	sources, sps := c.buildSources(srcEnv)
+	ps = append(ps, sps...)
 	var attestCtx context.Context
 	attestCtx, rt.stopAttestors = context.WithCancel(context.Background())
 	chain, readyChecks, spiffe, aps := c.buildAttestors(attestCtx, metrics, roots, o.Clock, o.DryRun)
@@ -265,7 +266,7 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		OnHit:      metrics.LeafCache.WithLabelValues("hit").Inc,
 	})
 	pipe := &broker.Pipeline{Attestor: chain, Policy: set, Sources: sources, Clock: o.Clock}
-	rt.reload = reloadState{cfg: c, clock: o.Clock, chain: chain, credMetrics: credMetrics,
+	rt.reload = reloadState{cfg: c, clock: o.Clock, chain: chain, credMetrics: credMetrics, roots: roots,
 		counter: newReloadCounter(rt.Registry)}
 	rt.Proxy, err = intercept.New(intercept.Options{
 		Listener:      "proxy",
@@ -411,10 +412,19 @@ func (c *Config) upstreamRoots(authority *ca.CA) (*x509.CertPool, error) {
 	return pool, nil
 }
 
-func (c *Config) buildSources(clock broker.Clock, m *inject.Metrics) (map[string]broker.Source, Problems) {
+func (c *Config) buildSources(env sourceEnv) (map[string]broker.Source, Problems) {
 	var ps Problems
 	out := make(map[string]broker.Source, len(c.Credentials))
 	for name, cr := range c.Credentials {
+		if cr.Source == "aws_sts" {
+			src, err := c.buildSTS(env, name, cr)
+			if err != nil {
+				ps = append(ps, c.problem(fmt.Sprintf("credential %q: %v", name, strings.TrimPrefix(err.Error(), "inject: ")), "credentials", name))
+				continue
+			}
+			out[name] = src
+			continue
+		}
 		fields := map[string]broker.Secret{}
 		resolve := func(field, ref string, path ...any) {
 			s, err := inject.ResolveRef(c.resolveRef(ref))
@@ -431,7 +441,7 @@ func (c *Config) buildSources(clock broker.Clock, m *inject.Metrics) (map[string
 			resolve(k, v, "values", k)
 		}
 		ttl, _ := parseCache(cr.Cache)
-		out[name] = inject.NewCache(name, inject.NewStatic(name, fields), inject.CacheOptions{TTL: ttl, Clock: clock, Metrics: m})
+		out[name] = inject.NewCache(name, inject.NewStatic(name, fields), inject.CacheOptions{TTL: ttl, Clock: env.clock, Metrics: env.metrics})
 	}
 	return out, ps
 }

@@ -54,7 +54,7 @@ func loadAndBuild(t *testing.T, path string) Problems {
 // panicked on every problem found after validation: its deferred cleanup
 // closed a nil *Runtime. TestBuildProblems and
 // TestBuildClosesListenersOnError guard against that.)
-func build(t *testing.T, c *Config, o BuildOptions) (rt *Runtime, err error) {
+func build(t testing.TB, c *Config, o BuildOptions) (rt *Runtime, err error) {
 	t.Helper()
 	defer func() {
 		if p := recover(); p != nil {

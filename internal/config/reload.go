@@ -2,6 +2,7 @@ package config
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -24,6 +25,7 @@ type reloadState struct {
 	clock       broker.Clock
 	chain       broker.Attestor
 	credMetrics *inject.Metrics
+	roots       *x509.CertPool // upstream roots for sources' own clients; egress needs a restart
 	counter     *prometheus.CounterVec
 }
 
@@ -78,7 +80,8 @@ func (rt *Runtime) reloadLocked(st *reloadState) error {
 	ps := c.validate()
 	set, rps := c.compileRules(st.clock)
 	ps = append(ps, rps...)
-	sources, sps := c.buildSources(st.clock, st.credMetrics)
+	sources, sps := c.buildSources(sourceEnv{ctx: context.Background(), clock: st.clock, metrics: st.credMetrics,
+		roots: st.roots, spiffe: c.spiffeSocket()})
 	if ps = append(ps, sps...); len(ps) > 0 {
 		return sortProblems(ps)
 	}

@@ -79,7 +79,7 @@ type started struct {
 
 // start loads and builds path for real and runs it until the test ends (or
 // stop is called).
-func start(t *testing.T, path string) *started {
+func start(t testing.TB, path string) *started {
 	t.Helper()
 	c, err := LoadFile(path)
 	if err != nil {
@@ -98,7 +98,7 @@ func start(t *testing.T, path string) *started {
 }
 
 // stop cancels Run and waits for it to return.
-func (s *started) stop(t *testing.T) {
+func (s *started) stop(t testing.TB) {
 	t.Helper()
 	if s.cancel == nil {
 		return
@@ -115,7 +115,7 @@ func (s *started) stop(t *testing.T) {
 	}
 }
 
-func (s *started) client(t *testing.T) *http.Client {
+func (s *started) client(t testing.TB) *http.Client {
 	t.Helper()
 	pool := x509.NewCertPool()
 	pemBytes, err := os.ReadFile(s.rt.CACertPath)

@@ -90,7 +90,8 @@ type Egress struct {
 	CABundle     string   `yaml:"ca_bundle"`
 }
 
-// Credential is a named credential source.
+// Credential is a named credential source. Which keys apply depends on
+// the source; validate reports keys that do not.
 type Credential struct {
 	Source   string            `yaml:"source"`
 	Value    string            `yaml:"value"`
@@ -101,6 +102,29 @@ type Credential struct {
 	Field    string            `yaml:"field"`
 	RoleARN  string            `yaml:"role_arn"`
 	Duration string            `yaml:"duration"`
+
+	// aws_sts
+	Region         string            `yaml:"region"`
+	Endpoint       string            `yaml:"endpoint"`
+	ExternalID     string            `yaml:"external_id"`
+	SourceIdentity *bool             `yaml:"source_identity"`
+	SessionPolicy  string            `yaml:"session_policy"`
+	SessionTags    map[string]string `yaml:"session_tags"`
+	WebIdentity    *WebIdentity      `yaml:"web_identity"`
+	Timeout        Duration          `yaml:"timeout"`
+}
+
+// WebIdentity is the broker's own token for AssumeRoleWithWebIdentity:
+// exactly one of a token file or a JWT-SVID from the Workload API.
+type WebIdentity struct {
+	TokenFile string      `yaml:"token_file"`
+	JWTSVID   *JWTSVIDRef `yaml:"jwt_svid"`
+}
+
+// JWTSVIDRef asks the Workload API for the broker's JWT-SVID.
+type JWTSVIDRef struct {
+	Audience string `yaml:"audience"`
+	Socket   string `yaml:"socket"` // "": the spiffe attestor's socket, else SPIFFE_ENDPOINT_SOCKET
 }
 
 // Rule is one ordered policy rule.
@@ -122,11 +146,12 @@ type Inject struct {
 }
 
 // InjectAs is "bearer" | "basic" | "sigv4" | {header: {name, format}} |
-// {query: {name}}.
+// {query: {name}} | {sigv4: {service, region, max_body}}.
 type InjectAs struct {
 	Kind   string
 	Header *HeaderAs
 	Query  *QueryAs
+	SigV4  *SigV4As
 	line   int
 	bad    bool // decoding failed and was reported; build nothing more
 }
@@ -140,6 +165,15 @@ type HeaderAs struct {
 // QueryAs writes a query parameter.
 type QueryAs struct {
 	Name string `yaml:"name"`
+}
+
+// SigV4As re-signs the request with AWS Signature Version 4. Service and
+// region are inferred from the host when empty; MaxBody bounds the body
+// buffered to hash it (bytes; 0: the default).
+type SigV4As struct {
+	Service string `yaml:"service"`
+	Region  string `yaml:"region"`
+	MaxBody int64  `yaml:"max_body"`
 }
 
 // UnmarshalYAML accepts the scalar and mapping forms, strictly.
@@ -157,7 +191,7 @@ func (a *InjectAs) decode(n *yaml.Node) error {
 		return nil
 	case yaml.MappingNode:
 		if len(n.Content) != 2 {
-			return typeErr("line %d: inject.as takes exactly one of header, query", n.Line)
+			return typeErr("line %d: inject.as takes exactly one of header, query, sigv4", n.Line)
 		}
 		key, val := n.Content[0], n.Content[1]
 		switch key.Value {
@@ -167,8 +201,11 @@ func (a *InjectAs) decode(n *yaml.Node) error {
 		case "query":
 			a.Kind, a.Query = "query", &QueryAs{}
 			return decodeStrict(val, a.Query)
+		case "sigv4":
+			a.Kind, a.SigV4 = "sigv4", &SigV4As{}
+			return decodeStrict(val, a.SigV4)
 		}
-		return typeErr("line %d: inject.as: unknown form %q (want bearer, basic, header or query)", key.Line, key.Value)
+		return typeErr("line %d: inject.as: unknown form %q (want bearer, basic, sigv4, header or query)", key.Line, key.Value)
 	}
 	return typeErr("line %d: inject.as must be a name or a mapping", n.Line)
 }
@@ -192,6 +229,8 @@ func knownKey(out any, key string) error {
 		ok, want = key == "name" || key == "format", "header takes name and format"
 	case *QueryAs:
 		ok, want = key == "name", "query takes name"
+	case *SigV4As:
+		ok, want = key == "service" || key == "region" || key == "max_body", "sigv4 takes service, region and max_body"
 	}
 	if !ok {
 		return fmt.Errorf("unknown key %q (%s)", key, want)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/keygate/broker/internal/broker"
 	"github.com/keygate/broker/internal/inject"
 )
 
@@ -179,8 +180,14 @@ func (c *Config) validate() Problems {
 			continue
 		}
 		// An empty name is reported by the rule compiler.
-		if _, ok := c.Credentials[r.Inject.Credential]; r.Inject.Credential != "" && !ok {
+		cr, ok := c.Credentials[r.Inject.Credential]
+		if r.Inject.Credential != "" && !ok {
 			add(fmt.Sprintf("rule %q: credential %q is not defined under credentials", r.Name, r.Inject.Credential), "rules", i, "inject", "credential")
+		}
+		if ok && !r.Inject.As.bad {
+			if msg := injectorFits(r.Inject.As.Kind, r.Inject.Credential, cr); msg != "" {
+				add(fmt.Sprintf("rule %q: %s", r.Name, msg), "rules", i, "inject", "as")
+			}
 		}
 	}
 	if c.Demo != nil {
@@ -211,10 +218,11 @@ func (c *Config) validateCredential(name string, cr Credential) Problems {
 				add(fmt.Sprintf("values.%s: %s", k, refHint(err)), "values", k)
 			}
 		}
-		if cr.Vault != "" || cr.Path != "" || cr.Field != "" || cr.RoleARN != "" || cr.Duration != "" {
-			add("static takes only value, values and cache")
-		}
-	case "vault_kv", "vault_dynamic", "aws_sts", "oauth2", "github_app":
+		checkKeys(cr, add)
+	case "aws_sts":
+		c.validateSTS(cr, add)
+		checkKeys(cr, add)
+	case "vault_kv", "vault_dynamic", "oauth2", "github_app":
 		add(fmt.Sprintf("source %q %s", cr.Source, notInThisBuild), "source")
 	case "":
 		add("source is required")
@@ -350,4 +358,22 @@ func (c *Config) validateSPIFFE(i int, a Attestor) Problems {
 		}
 	}
 	return ps
+}
+
+// injectorFits reports why an injector cannot write a credential: AWS keys
+// are only ever written as a SigV4 signature, and a signature needs keys.
+func injectorFits(kind, name string, cr Credential) string {
+	aws := cr.Source == "aws_sts"
+	if cr.Source == "static" {
+		_, id := cr.Values[broker.FieldAccessKeyID]
+		_, secret := cr.Values[broker.FieldSecretAccessKey]
+		aws = id && secret
+	}
+	switch {
+	case kind == "sigv4" && !aws:
+		return fmt.Sprintf("as: sigv4 needs AWS keys, but credential %q (%s) has none (use aws_sts, or static values access_key_id and secret_access_key)", name, cr.Source)
+	case kind != "sigv4" && kind != "" && cr.Source == "aws_sts":
+		return fmt.Sprintf("credential %q is aws_sts: AWS keys are injected only as a signature (as: sigv4), never as %s", name, kind)
+	}
+	return ""
 }

@@ -69,6 +69,7 @@ func (p *Proxy) setCredential(x *exchange, c broker.Credential) {
 	x.rec.CredKind = c.Kind
 	x.rec.CredFP = p.opts.Fingerprints.Fingerprint(c)
 	x.rec.CredExpires = c.Expires
+	x.rec.CredMeta = c.Meta
 }
 
 // finish releases the credential and writes the one audit line.

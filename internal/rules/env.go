@@ -7,6 +7,7 @@ import (
 	"github.com/google/cel-go/cel"
 	"github.com/google/cel-go/checker"
 	"github.com/google/cel-go/common/ast"
+	"github.com/google/cel-go/ext"
 	"github.com/google/cel-go/interpreter"
 
 	"github.com/keygate/broker/internal/broker"
@@ -76,6 +77,9 @@ func newEnv() (*cel.Env, error) {
 		cel.CrossTypeNumericComparisons(true),
 		cel.DefaultUTCTimeZone(true),
 		cel.ParserExpressionSizeLimit(maxExprLen),
+		// split, substring, lowerAscii, join...: session policies and tags
+		// are built from parts of the path and of claims.
+		ext.Strings(),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("rules: building the CEL environment: %w", err)

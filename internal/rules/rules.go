@@ -259,22 +259,7 @@ func compileRule(env *cel.Env, i int, sp Spec, limit uint64) (*rule, []error) {
 func compileWhen(env *cel.Env, r *rule, expr string, limit uint64, tunnel bool) []string {
 	checked, iss := env.Compile(expr)
 	if iss.Err() != nil {
-		var msgs []string
-		multiline := strings.Contains(strings.TrimSpace(expr), "\n")
-		for _, e := range iss.Errors() {
-			// Every expression has the same, empty container; saying so is noise.
-			msg := strings.ReplaceAll(e.Message, " (in container '')", "")
-			loc := e.Location
-			switch {
-			case loc == nil || loc.Line() <= 0:
-				msgs = append(msgs, "when: "+msg)
-			case multiline:
-				msgs = append(msgs, fmt.Sprintf("when: %s (expression line %d, column %d)", msg, loc.Line(), loc.Column()+1))
-			default:
-				msgs = append(msgs, fmt.Sprintf("when: %s (column %d)", msg, loc.Column()+1))
-			}
-		}
-		return msgs
+		return issueMessages("when: ", expr, iss)
 	}
 	if t := checked.OutputType(); !t.IsExactType(cel.BoolType) {
 		return []string{fmt.Sprintf("when must be a bool expression, but it has type %s (compare it, e.g. `... == true`)", t)}
@@ -313,4 +298,25 @@ func costString(c uint64) string {
 		return "unbounded"
 	}
 	return fmt.Sprint(c)
+}
+
+// issueMessages turns CEL compile issues into one-line messages with the
+// position inside the expression.
+func issueMessages(prefix, expr string, iss *cel.Issues) []string {
+	var msgs []string
+	multiline := strings.Contains(strings.TrimSpace(expr), "\n")
+	for _, e := range iss.Errors() {
+		// Every expression has the same, empty container; saying so is noise.
+		msg := strings.ReplaceAll(e.Message, " (in container '')", "")
+		loc := e.Location
+		switch {
+		case loc == nil || loc.Line() <= 0:
+			msgs = append(msgs, prefix+msg)
+		case multiline:
+			msgs = append(msgs, fmt.Sprintf("%s%s (expression line %d, column %d)", prefix, msg, loc.Line(), loc.Column()+1))
+		default:
+			msgs = append(msgs, fmt.Sprintf("%s%s (column %d)", prefix, msg, loc.Column()+1))
+		}
+	}
+	return msgs
 }

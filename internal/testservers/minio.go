@@ -1,0 +1,254 @@
+// Package testservers starts the real servers keygate's tests talk to
+// (MinIO; more as issues land), each built by the project's own pinned
+// script into a cache outside the repository. It is imported only by tests.
+//
+// A missing server binary skips the test locally (with the command that
+// builds it) and fails it in CI (CI=true): CI must never pass by skipping.
+package testservers
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// MinIOVersion must match scripts/minio.sh.
+const MinIOVersion = "v0.0.0-20260212201848-7aac2a2c5b7c"
+
+func cacheDir() string {
+	if d := os.Getenv("XDG_CACHE_HOME"); d != "" {
+		return filepath.Join(d, "keygate", "bin")
+	}
+	home, _ := os.UserHomeDir()
+	return filepath.Join(home, ".cache", "keygate", "bin")
+}
+
+// binary finds a cached server binary or skips/fails the test.
+func binary(t testing.TB, path, script string) string {
+	t.Helper()
+	if fi, err := os.Stat(path); err == nil && fi.Mode()&0o111 != 0 {
+		return path
+	}
+	msg := fmt.Sprintf("%s not found; build it with scripts/%s (make deps)", path, script)
+	if os.Getenv("CI") == "true" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+	return ""
+}
+
+// MinIO is a running MinIO server on 127.0.0.1 over TLS, with a root user
+// (the broker's "base credentials" for STS AssumeRole).
+type MinIO struct {
+	Endpoint     string // https://127.0.0.1:PORT
+	Addr         string // 127.0.0.1:PORT
+	RootUser     string
+	RootPassword string
+	CAFile       string // PEM of the CA that signed MinIO's certificate
+	CAPool       *x509.CertPool
+	LogFile      string
+
+	t       testing.TB
+	bin     string
+	dataDir string
+	certDir string
+	env     []string
+	mu      sync.Mutex
+	cmd     *exec.Cmd
+}
+
+// MinIOOptions tune StartMinIO.
+type MinIOOptions struct {
+	// Env adds environment variables (for example MINIO_IDENTITY_OPENID_*).
+	Env []string
+}
+
+// StartMinIO starts MinIO with a fresh data directory and a test CA, and
+// stops it when the test ends.
+func StartMinIO(t testing.TB, o MinIOOptions) *MinIO {
+	t.Helper()
+	bin := binary(t, filepath.Join(cacheDir(), "minio-"+MinIOVersion, "minio"), "minio.sh")
+	dir := t.TempDir()
+	m := &MinIO{
+		RootUser:     "keygate-root",
+		RootPassword: "root-" + randHex(12),
+		t:            t,
+		bin:          bin,
+		dataDir:      filepath.Join(dir, "data"),
+		certDir:      filepath.Join(dir, "certs"),
+		LogFile:      filepath.Join(dir, "minio.log"),
+	}
+	if err := os.MkdirAll(m.certDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	m.CAFile, m.CAPool = writeTLS(t, m.certDir)
+	m.env = append(os.Environ(),
+		"MINIO_ROOT_USER="+m.RootUser,
+		"MINIO_ROOT_PASSWORD="+m.RootPassword,
+		"MINIO_BROWSER=off",
+		"MINIO_UPDATE=off",
+		"MINIO_CALLHOME_ENABLE=off",
+	)
+	m.env = append(m.env, o.Env...)
+	m.Addr = freeAddr(t)
+	m.Endpoint = "https://" + m.Addr
+	m.Start()
+	t.Cleanup(m.Stop)
+	return m
+}
+
+// Start (re)starts the server on the same address and data and waits until
+// it is ready.
+func (m *MinIO) Start() {
+	m.t.Helper()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.cmd != nil {
+		return
+	}
+	logf, err := os.OpenFile(m.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(m.Addr)
+	console := freeAddr(m.t)
+	cmd := exec.Command(m.bin, "server", "--quiet", "--address", m.Addr, "--console-address", console,
+		"--certs-dir", m.certDir, m.dataDir)
+	cmd.Env = m.env
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		m.t.Fatalf("starting minio: %v", err)
+	}
+	go func() { _ = cmd.Wait(); logf.Close() }()
+	m.cmd = cmd
+	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil,
+		TLSClientConfig: &tls.Config{RootCAs: m.CAPool}}}
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		resp, err := client.Get("https://127.0.0.1:" + port + "/minio/health/ready")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	log, _ := os.ReadFile(m.LogFile)
+	m.t.Fatalf("minio did not become ready within 60s; log:\n%s", log)
+}
+
+// Stop kills the server (data is kept for Start).
+func (m *MinIO) Stop() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.cmd == nil {
+		return
+	}
+	_ = m.cmd.Process.Kill()
+	// Wait for the port to be free so a restart can bind it.
+	for i := 0; i < 100; i++ {
+		c, err := net.DialTimeout("tcp", m.Addr, 50*time.Millisecond)
+		if err != nil {
+			break
+		}
+		c.Close()
+		time.Sleep(50 * time.Millisecond)
+	}
+	m.cmd = nil
+}
+
+// writeTLS makes a CA and a leaf for 127.0.0.1 and localhost, in the layout
+// MinIO's --certs-dir expects (public.crt, private.key), and returns the CA
+// file and pool.
+func writeTLS(t testing.TB, dir string) (string, *x509.CertPool) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "keygate test servers CA"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	leafKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leafTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, caCert, &leafKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(leafKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+	write := func(name string, data []byte) {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("public.crt", pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leafDER}))
+	write("private.key", pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}))
+	caFile := filepath.Join(filepath.Dir(dir), "test-ca.pem")
+	if err := os.WriteFile(caFile, caPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(caCert)
+	return caFile, pool
+}
+
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return strings.ToLower(fmt.Sprintf("%x", b))
+}
