@@ -86,7 +86,11 @@ func (s *spire) agentBin() string  { return filepath.Join(s.bin, "spire-agent") 
 
 // startSPIRE runs server and agent with random ports and registers the two
 // workloads and the broker.
-func startSPIRE(t *testing.T) *spire {
+func startSPIRE(t *testing.T) *spire { return startSPIREWith(t, "") }
+
+// startSPIREWith is startSPIRE with the server's jwt_issuer set (the iss
+// claim of JWT-SVIDs), when jwtIssuer is not empty.
+func startSPIREWith(t *testing.T, jwtIssuer string) *spire {
 	t.Helper()
 	s := &spire{bin: spireBinDir(t), logs: &syncBuffer{}}
 	// Short path (unix socket limit) that every uid can traverse.
@@ -110,14 +114,14 @@ func startSPIRE(t *testing.T) *spire {
   data_dir = "%s/server-data"
   log_level = "INFO"
   ca_ttl = "24h"
-  default_x509_svid_ttl = "1h"
+  default_x509_svid_ttl = "1h"%s
 }
 plugins {
   DataStore "sql" { plugin_data { database_type = "sqlite3"  connection_string = "%s/server-data/datastore.sqlite3" } }
   NodeAttestor "join_token" { plugin_data {} }
   KeyManager "memory" { plugin_data {} }
 }
-`, port, s.serverSock, dir, dir)
+`, port, s.serverSock, dir, issuerLine(jwtIssuer), dir)
 	agent := fmt.Sprintf(`agent {
   data_dir = "%s/agent-data"
   log_level = "INFO"
@@ -495,4 +499,11 @@ func TestSPIFFEWithSPIRE(t *testing.T) {
 			t.Error("a request with a rejected JWT-SVID reached the upstream")
 		}
 	})
+}
+
+func issuerLine(iss string) string {
+	if iss == "" {
+		return ""
+	}
+	return fmt.Sprintf("\n  jwt_issuer = %q", iss)
 }

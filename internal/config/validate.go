@@ -189,6 +189,11 @@ func (c *Config) validate() Problems {
 				add(fmt.Sprintf("rule %q: %s", r.Name, msg), "rules", i, "inject", "as")
 			}
 		}
+		if r.Inject.As.Kind == "sigv4" && !r.Inject.As.bad {
+			for _, h := range sigv4Uninferable(r.Hosts, r.Inject.As.SigV4) {
+				add(fmt.Sprintf("rule %q: as: sigv4 cannot infer the AWS service and region from host %q; set as: {sigv4: {service: ..., region: ...}}", r.Name, h), "rules", i, "inject", "as")
+			}
+		}
 	}
 	if c.Demo != nil {
 		if err := checkListenAddr(c.Demo.Echo); err != nil {
@@ -376,4 +381,25 @@ func injectorFits(kind, name string, cr Credential) string {
 		return fmt.Sprintf("credential %q is aws_sts: AWS keys are injected only as a signature (as: sigv4), never as %s", name, kind)
 	}
 	return ""
+}
+
+// sigv4Uninferable lists the rule's host patterns for which sigv4 would
+// have to guess the service or region: caught at load, not per request. A
+// wildcard pattern is checked with a sample first label.
+func sigv4Uninferable(hosts []string, as *SigV4As) []string {
+	if as != nil && as.Service != "" && as.Region != "" {
+		return nil
+	}
+	var bad []string
+	for _, h := range hosts {
+		sample := h
+		if rest, ok := strings.CutPrefix(h, "*."); ok {
+			sample = "bucket." + rest
+		}
+		svc, _, ok := inject.InferSigV4(sample)
+		if !ok || (as != nil && as.Service != "" && svc == "") {
+			bad = append(bad, h)
+		}
+	}
+	return bad
 }

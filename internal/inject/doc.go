@@ -1,8 +1,21 @@
 // Package inject turns config into credentials and writes them into
-// requests: secret references (ResolveRef), credential sources (NewStatic;
-// vault_kv, vault_dynamic, aws_sts, oauth2 and github_app follow the same
-// broker.Source contract), the caching decorator (NewCache) and the
-// injectors (Bearer, Basic, Header, Query).
+// requests: secret references (ResolveRef), credential sources (NewStatic,
+// NewSTS; vault_kv, vault_dynamic, oauth2 and github_app follow the same
+// broker.Source contract), the caching decorator (NewCache), the
+// per-request parameter decorator (WithParams) and the injectors (Bearer,
+// Basic, Header, Query, SigV4).
+//
+// AWS STS. NewSTS mints a session per call with AssumeRole (the broker's
+// base credentials from the SDK default chain) or AssumeRoleWithWebIdentity
+// (the broker's own token: FileToken, JWTSVIDToken). The session name and
+// source identity derive from the workload identity (SessionName); session
+// tags and the inline session policy arrive as grant parameters, computed
+// per request by WithParams outside the cache so that they are part of the
+// cache key: a caller never receives a session scoped for another caller or
+// another policy. Tag values are validated, never rewritten. STS failures
+// become 503 credential_unavailable with the STS operation and error code
+// (and Retry-After on throttling); at most one retry per call, bounded by
+// STSOptions.Timeout.
 //
 // # Security contract
 //
@@ -44,6 +57,27 @@
 // a missing or empty field is an error. Basic refuses a username with ':'.
 // Header refuses hop-by-hop, framing, Host, Proxy-* and X-Keygate-* /
 // X-Broker-* names and formats without a {{field}} placeholder.
+//
+// SigV4 re-signs an AWS request (sent unsigned or signed with dummy keys)
+// with aws-sdk-go-v2's signer/v4, from access_key_id, secret_access_key and
+// the optional session_token. It owns Authorization, X-Amz-Date,
+// X-Amz-Security-Token and X-Amz-Content-Sha256 in every case; before
+// signing it merges non-canonical header keys into their canonical key (the
+// signer and the transport would otherwise disagree on order) and leaves
+// hop-by-hop and Trailer headers out of the signature. The signed host is
+// the one the transport sends (r.Host, else the URL host, punycoded, default
+// port stripped). Service and region come from the rule or InferSigV4; a
+// host it does not recognise fails closed. The payload hash follows the
+// client's X-Amz-Content-Sha256: UNSIGNED-PAYLOAD,
+// STREAMING-UNSIGNED-PAYLOAD-TRAILER or a hex digest are kept and the body
+// is not read; STREAMING-AWS4-* (chunk signatures chained to the request
+// signature) and other values are refused (400); with no header the body is
+// buffered up to MaxBody (default 16 MiB; above it 413) and hashed, and for
+// S3 the hash is also sent as the header. Query-signed (pre-signed) URLs and
+// queries url.ParseQuery rejects are refused rather than rewritten. A fresh
+// signer is used per request: the library's derived-key cache is keyed by
+// access key id, day, region and service, not by secret, so a shared signer
+// would keep signing with a rotated-out secret.
 //
 // The cache never crosses callers (T-B7). Its key is an injective
 // (length-prefixed) encoding of the credential name, the rule, the

@@ -174,7 +174,7 @@ func (s *sigv4) Inject(r *http.Request, c broker.Credential) error {
 		payload = hex.EncodeToString(sum[:])
 	}
 
-	// Mutate from here on; nothing below can fail.
+	// Mutate from here on; nothing below fails (SignHTTP cannot: see below).
 	if buffered {
 		r.Body, r.ContentLength, r.GetBody = replayBody(body)
 		// A chunked incoming request now has a known length: the transport
@@ -244,10 +244,14 @@ func (s *sigv4) scope(host string) (service, region string, err error) {
 	}
 	isvc, iregion, ok := InferSigV4(hostname)
 	if !ok {
+		// A configuration problem, not a secret: the workload is told what
+		// the operator must set (the host is the one it asked for).
+		msg := fmt.Sprintf("cannot infer the AWS service and region from host %q; set as: {sigv4: {service: ..., region: ...}} in the rule", hostname)
 		if s.service != "" {
-			return "", "", fmt.Errorf("inject: sigv4: cannot infer the AWS region from host %q; set as: {sigv4: {service: %s, region: ...}} in the rule", hostname, s.service)
+			msg = fmt.Sprintf("cannot infer the AWS region from host %q; set as: {sigv4: {service: %s, region: ...}} in the rule", hostname, s.service)
 		}
-		return "", "", fmt.Errorf("inject: sigv4: cannot infer the AWS service and region from host %q; set as: {sigv4: {service: ..., region: ...}} in the rule", hostname)
+		return "", "", &broker.Error{Code: broker.CodeCredentialMalformed, Message: "sigv4: " + msg,
+			Err: errors.New("inject: sigv4: " + msg)}
 	}
 	if s.service != "" {
 		return s.service, iregion, nil

@@ -199,20 +199,29 @@ func verifySigV4(recv *http.Request, body []byte, secrets map[string]string) (si
 // server would, and verifies the signature.
 func wireVerify(t testing.TB, r *http.Request, secrets map[string]string) (sigv4Auth, *http.Request, error) {
 	t.Helper()
-	var buf bytes.Buffer
-	if err := r.Write(&buf); err != nil {
-		t.Fatalf("r.Write: %v", err)
-	}
-	recv, err := http.ReadRequest(bufio.NewReader(&buf))
+	recv, body, err := overTheWire(r)
 	if err != nil {
-		t.Fatalf("ReadRequest: %v", err)
-	}
-	body, err := io.ReadAll(recv.Body)
-	if err != nil {
-		t.Fatalf("read body: %v", err)
+		t.Fatal(err)
 	}
 	a, err := verifySigV4(recv, body, secrets)
 	return a, recv, err
+}
+
+// overTheWire returns r and its body as a server reads them.
+func overTheWire(r *http.Request) (*http.Request, []byte, error) {
+	var buf bytes.Buffer
+	if err := r.Write(&buf); err != nil {
+		return nil, nil, fmt.Errorf("r.Write: %w", err)
+	}
+	recv, err := http.ReadRequest(bufio.NewReader(&buf))
+	if err != nil {
+		return nil, nil, fmt.Errorf("ReadRequest: %w", err)
+	}
+	body, err := io.ReadAll(recv.Body)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read body: %w", err)
+	}
+	return recv, body, nil
 }
 
 type sigv4Verdict struct {
@@ -1209,9 +1218,10 @@ func TestSigV4InferenceFailureIsClear(t *testing.T) {
 		r := newReq(t, tc.url)
 		before := cloneHeader(r.Header)
 		err := mustSigV4(t, tc.opts).Inject(r, awsCred(testAKID, testSecret, ""))
+		// The workload is told what to configure: a 502 whose message names it.
 		var be *broker.Error
-		if err == nil || errors.As(err, &be) || !strings.Contains(err.Error(), tc.want) || !strings.HasPrefix(err.Error(), "inject: ") {
-			t.Fatalf("error %v, want a plain error containing %q", err, tc.want)
+		if err == nil || !errors.As(err, &be) || be.Code != broker.CodeCredentialMalformed || !strings.Contains(be.Message, tc.want) {
+			t.Fatalf("error %v, want a credential_malformed *broker.Error whose message contains %q", err, tc.want)
 		}
 		if !reflect.DeepEqual(r.Header, before) {
 			t.Fatal("headers changed on error")

@@ -153,15 +153,21 @@ func NewSTS(ctx context.Context, name string, o STSOptions) (broker.Source, erro
 	return &stsSource{name: name, o: o, api: api}, nil
 }
 
-// ValidateRoleARN checks the shape arn:PARTITION:iam::ACCOUNT:role/NAME.
+// ValidateRoleARN checks the shape arn:PARTITION:iam:REGION:ACCOUNT:role/NAME.
+// In the AWS partitions (aws, aws-cn, aws-us-gov, aws-iso...) the region is
+// empty and the account 12 digits. Other partitions are S3-compatible STS
+// servers such as MinIO (arn:minio:iam:REGION::role/ID), whose ARNs have no
+// account.
 func ValidateRoleARN(arn string) error {
 	parts := strings.SplitN(arn, ":", 6)
 	if len(parts) != 6 || parts[0] != "arn" || parts[1] == "" || parts[2] != "iam" ||
-		parts[3] != "" || !strings.HasPrefix(parts[5], "role/") || len(parts[5]) <= len("role/") {
+		!strings.HasPrefix(parts[5], "role/") || len(parts[5]) <= len("role/") {
 		return fmt.Errorf("role_arn %q is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)", arn)
 	}
-	if len(parts[4]) != 12 || strings.Trim(parts[4], "0123456789") != "" {
-		return fmt.Errorf("role_arn %q: the account id must be 12 digits", arn)
+	if parts[1] == "aws" || strings.HasPrefix(parts[1], "aws-") {
+		if parts[3] != "" || len(parts[4]) != 12 || strings.Trim(parts[4], "0123456789") != "" {
+			return fmt.Errorf("role_arn %q: want arn:%s:iam::ACCOUNT:role/NAME with a 12-digit account", arn, parts[1])
+		}
 	}
 	return nil
 }
@@ -170,11 +176,11 @@ func (s *stsSource) Credential(ctx context.Context, id broker.Identity, g broker
 	session := SessionName(id)
 	policy := g.Params[ParamSessionPolicy]
 	if len(policy) > maxSessionPolicy {
-		return broker.Credential{}, fmt.Errorf("inject: credential %q: session policy is %d bytes, more than STS accepts (%d)", s.name, len(policy), maxSessionPolicy)
+		return broker.Credential{}, fmt.Errorf("inject: aws_sts: session policy is %d bytes, more than STS accepts (%d)", len(policy), maxSessionPolicy)
 	}
 	tags, err := sessionTags(g.Params)
 	if err != nil {
-		return broker.Credential{}, fmt.Errorf("inject: credential %q: %w", s.name, err)
+		return broker.Credential{}, fmt.Errorf("inject: aws_sts: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.o.Timeout)
 	defer cancel()
@@ -184,11 +190,11 @@ func (s *stsSource) Credential(ctx context.Context, id broker.Identity, g broker
 	if s.o.WebIdentity != nil {
 		op = "AssumeRoleWithWebIdentity"
 		if len(tags) > 0 {
-			return broker.Credential{}, fmt.Errorf("inject: credential %q: session tags cannot be set with a web identity (they come from the token)", s.name)
+			return broker.Credential{}, errors.New("inject: aws_sts: session tags cannot be set with a web identity (they come from the token)")
 		}
 		tok, err := s.o.WebIdentity.Token(ctx)
 		if err != nil {
-			return broker.Credential{}, fmt.Errorf("inject: credential %q: the broker's own web identity token: %w", s.name, err)
+			return broker.Credential{}, fmt.Errorf("inject: aws_sts: the broker's own web identity token: %w", err)
 		}
 		in := &sts.AssumeRoleWithWebIdentityInput{RoleArn: aws.String(s.o.RoleARN), RoleSessionName: aws.String(session),
 			WebIdentityToken: aws.String(tok.Reveal()), DurationSeconds: dur}
@@ -219,7 +225,7 @@ func (s *stsSource) Credential(ctx context.Context, id broker.Identity, g broker
 		out = res.Credentials
 	}
 	if out == nil || aws.ToString(out.AccessKeyId) == "" || aws.ToString(out.SecretAccessKey) == "" {
-		return broker.Credential{}, fmt.Errorf("inject: credential %q: STS %s returned no credentials", s.name, op)
+		return broker.Credential{}, fmt.Errorf("inject: aws_sts: STS %s returned no credentials", op)
 	}
 	c := broker.Credential{
 		Name: s.name,

@@ -2,9 +2,16 @@ package inject
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -14,6 +21,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/go-jose/go-jose/v4"
 
 	"github.com/keygate/broker/internal/broker"
 	"github.com/keygate/broker/internal/testservers"
@@ -322,12 +330,12 @@ func TestSessionTagsValidation(t *testing.T) {
 }
 
 func TestValidateRoleARN(t *testing.T) {
-	for _, ok := range []string{testRole, "arn:aws-cn:iam::123456789012:role/path/ci"} {
+	for _, ok := range []string{testRole, "arn:aws-cn:iam::123456789012:role/path/ci", "arn:minio:iam:::role/dI1ltL3iR4ow", "arn:minio:iam:us-east-1::role/x"} {
 		if err := ValidateRoleARN(ok); err != nil {
 			t.Errorf("%s: %v", ok, err)
 		}
 	}
-	for _, bad := range []string{"", "ci", "arn:aws:iam::123:role/ci", "arn:aws:s3:::bucket", "arn:aws:iam::123456789012:user/ci", "arn:aws:iam::123456789012:role/"} {
+	for _, bad := range []string{"", "ci", "arn:aws:iam::123:role/ci", "arn:aws:iam:us-east-1:123456789012:role/ci", "arn:aws:s3:::bucket", "arn:aws:iam::123456789012:user/ci", "arn:aws:iam::123456789012:role/"} {
 		if err := ValidateRoleARN(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
@@ -339,5 +347,144 @@ func TestNewSTSDuration(t *testing.T) {
 		if _, err := NewSTS(context.Background(), "x", STSOptions{RoleARN: testRole, Duration: d, Credentials: aws.AnonymousCredentials{}}); err == nil {
 			t.Errorf("duration %s accepted", d)
 		}
+	}
+}
+
+// oidcIssuer is a minimal OpenID provider (discovery + JWKS) for MinIO to
+// verify the broker's own web identity token. A test-local issuer: Dex does
+// not build here (../shared/TESTING.md), and MinIO's verification code,
+// which is what matters, is real.
+type oidcIssuer struct {
+	srv *httptest.Server
+	key *rsa.PrivateKey
+}
+
+func newOIDCIssuer(t *testing.T) *oidcIssuer {
+	t.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	is := &oidcIssuer{key: key}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]any{
+			"issuer": is.srv.URL, "jwks_uri": is.srv.URL + "/jwks",
+			"authorization_endpoint": is.srv.URL + "/auth", "token_endpoint": is.srv.URL + "/token",
+			"response_types_supported": []string{"id_token"}, "subject_types_supported": []string{"public"},
+			"id_token_signing_alg_values_supported": []string{"RS256"},
+		})
+	})
+	mux.HandleFunc("/jwks", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &key.PublicKey, KeyID: "k1", Algorithm: "RS256", Use: "sig"}}})
+	})
+	is.srv = httptest.NewServer(mux)
+	t.Cleanup(is.srv.Close)
+	return is
+}
+
+func (is *oidcIssuer) mint(t *testing.T, claims map[string]any) string {
+	t.Helper()
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.RS256, Key: is.key},
+		(&jose.SignerOptions{}).WithType("JWT").WithHeader("kid", "k1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, _ := json.Marshal(claims)
+	obj, err := signer.Sign(payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := obj.CompactSerialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+// The broker holds no AWS key at all: it trades its own token (here a
+// projected-token file) for the session, and MinIO verifies that token
+// against the issuer.
+func TestSTSWebIdentityMinIO(t *testing.T) {
+	is := newOIDCIssuer(t)
+	m := testservers.StartMinIO(t, testservers.MinIOOptions{Env: []string{
+		"MINIO_IDENTITY_OPENID_CONFIG_URL=" + is.srv.URL + "/.well-known/openid-configuration",
+		"MINIO_IDENTITY_OPENID_CLIENT_ID=sts.amazonaws.com",
+		"MINIO_IDENTITY_OPENID_CLAIM_NAME=policy",
+	}})
+	w := &stsWorld{m: m}
+	w.rt = &countingTransport{rt: &http.Transport{Proxy: nil, TLSClientConfig: &tls.Config{RootCAs: m.CAPool}}}
+	w.client = &http.Client{Transport: w.rt}
+	now := time.Now()
+	tokFile := filepath.Join(t.TempDir(), "token")
+	writeToken := func(sub string) {
+		tok := is.mint(t, map[string]any{"iss": is.srv.URL, "sub": sub, "aud": "sts.amazonaws.com",
+			"iat": now.Unix(), "exp": now.Add(time.Hour).Unix(), "policy": "readwrite"})
+		if err := os.WriteFile(tokFile, []byte(tok+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeToken("system:serviceaccount:keygate:broker")
+	src, err := NewSTS(context.Background(), "aws-ci", STSOptions{RoleARN: testRole, Endpoint: m.Endpoint,
+		HTTPClient: w.client, WebIdentity: FileToken(tokFile)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := src.Credential(context.Background(), ciIdentity, broker.Grant{Credential: "aws-ci"})
+	if err != nil {
+		t.Fatalf("AssumeRoleWithWebIdentity: %v", err)
+	}
+	if _, err := w.s3With(c).CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String("web-identity")}); err != nil {
+		t.Fatalf("CreateBucket with the web-identity session: %v", err)
+	}
+	// A token MinIO's issuer did not sign is refused, and the refusal is a 503.
+	other := newOIDCIssuer(t)
+	forged := other.mint(t, map[string]any{"iss": is.srv.URL, "sub": "x", "aud": "sts.amazonaws.com",
+		"iat": now.Unix(), "exp": now.Add(time.Hour).Unix(), "policy": "readwrite"})
+	if err := os.WriteFile(tokFile, []byte(forged), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = src.Credential(context.Background(), ciIdentity, broker.Grant{Credential: "aws-ci"})
+	var be *broker.Error
+	if !errors.As(err, &be) || be.Code != broker.CodeCredentialUnavailable || !strings.Contains(be.Message, "AssumeRoleWithWebIdentity") {
+		t.Fatalf("forged token: error = %v, want credential_unavailable naming AssumeRoleWithWebIdentity", err)
+	}
+	if strings.Contains(err.Error(), forged) {
+		t.Fatal("the error contains the token")
+	}
+}
+
+// STS throttling cannot be provoked on MinIO, so this one test fakes STS
+// with an httptest server answering STS's documented Throttling error; the
+// SDK's real client parses it.
+func TestSTSThrottlingRetryAfter(t *testing.T) {
+	var calls atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		w.Header().Set("Content-Type", "text/xml")
+		w.WriteHeader(http.StatusBadRequest)
+		io.WriteString(w, `<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>`+
+			`<Code>Throttling</Code><Message>Rate exceeded</Message></Error><RequestId>x</RequestId></ErrorResponse>`)
+	}))
+	defer srv.Close()
+	src, err := NewSTS(context.Background(), "aws-ci", STSOptions{RoleARN: testRole, Endpoint: srv.URL,
+		Credentials: credentials.NewStaticCredentialsProvider("AKID", "CANARY-secret-throttle", "")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = src.Credential(context.Background(), ciIdentity, broker.Grant{Credential: "aws-ci"})
+	var be *broker.Error
+	if !errors.As(err, &be) || be.Code != broker.CodeCredentialUnavailable || be.RetryAfter != time.Second ||
+		!strings.Contains(be.Message, "Throttling") {
+		t.Fatalf("error = %#v, want credential_unavailable with Retry-After 1s naming Throttling", err)
+	}
+	// At most one retry: a throttling STS is not hammered.
+	if n := calls.Load(); n > 2 {
+		t.Fatalf("%d STS calls for one credential, want at most 2", n)
+	}
+	if strings.Contains(err.Error(), "CANARY") {
+		t.Fatal("the error contains the base secret")
 	}
 }

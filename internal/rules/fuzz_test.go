@@ -76,3 +76,22 @@ func FuzzHostPattern(f *testing.F) {
 		}
 	})
 }
+
+// FuzzCompactJSON: the session-policy normaliser never panics, and what it
+// accepts it returns as valid, idempotent JSON (equal policies, equal bytes:
+// they are cache keys).
+func FuzzCompactJSON(f *testing.F) {
+	for _, s := range []string{`{"a":1}`, `[1, "x&y", {"b": null}]`, `{"Version":"2012-10-17","Statement":[]}`, `"x"`, `{} {}`, `{"a":1e400}`, "\x00"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		out, err := compactJSON(s)
+		if err != nil {
+			return
+		}
+		again, err := compactJSON(out)
+		if err != nil || again != out {
+			t.Fatalf("not idempotent: %q -> %q -> %q (%v)", s, out, again, err)
+		}
+	})
+}
