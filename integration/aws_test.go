@@ -13,6 +13,8 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -121,7 +123,8 @@ func newAWSWorld(t *testing.T) *awsWorld {
 		Credentials:  credentials.NewStaticCredentialsProvider(m.RootUser, m.RootPassword, ""),
 		HTTPClient:   &http.Client{Transport: &http.Transport{Proxy: nil, TLSClientConfig: &tls.Config{RootCAs: m.CAPool}}},
 	})
-	for _, bucket := range []string{"bucket-a", "bucket-b", "bucket-c"} {
+	// bucket-a is created by the workload, through the broker.
+	for _, bucket := range []string{"bucket-b", "bucket-c"} {
 		if _, err := w.root.CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(bucket)}); err != nil {
 			t.Fatalf("setup: create %s: %v", bucket, err)
 		}
@@ -143,6 +146,17 @@ func (w *awsWorld) scanFor(t *testing.T, secret string) {
 	if bytes.Contains(w.b.output(), []byte(secret)) {
 		t.Errorf("the broker output contains a secret (the MinIO root password)")
 	}
+}
+
+// captureHeader records a header of the request as the SDK sends it.
+func captureHeader(st *middleware.Stack, name string, out *string) error {
+	return st.Finalize.Add(middleware.FinalizeMiddlewareFunc("keygate-capture-"+name, func(ctx context.Context,
+		in middleware.FinalizeInput, next middleware.FinalizeHandler) (middleware.FinalizeOutput, middleware.Metadata, error) {
+		if r, ok := in.Request.(*smithyhttp.Request); ok {
+			*out = r.Header.Get(name)
+		}
+		return next.HandleFinalize(ctx, in)
+	}), middleware.After)
 }
 
 // captureContentSha records whether the SDK signed the request with the
@@ -175,6 +189,14 @@ func TestAWSS3ThroughBroker(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	t.Run("CreateBucket", func(t *testing.T) {
+		if _, err := w.client.CreateBucket(ctx, &s3.CreateBucketInput{Bucket: aws.String("bucket-a")}); err != nil {
+			t.Fatalf("CreateBucket: %v", err)
+		}
+		if _, err := w.root.HeadBucket(ctx, &s3.HeadBucketInput{Bucket: aws.String("bucket-a")}); err != nil {
+			t.Fatalf("MinIO has no bucket-a after CreateBucket: %v", err)
+		}
+	})
 	t.Run("PutObject small", func(t *testing.T) {
 		if _, err := w.client.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String("bucket-a"), Key: aws.String("small.txt"),
 			Body: bytes.NewReader(small)}); err != nil {
@@ -230,13 +252,57 @@ func TestAWSS3ThroughBroker(t *testing.T) {
 			}
 		}
 	})
+	t.Run("curl PUT with no AWS headers: the broker hashes the body", func(t *testing.T) {
+		// curl knows nothing of AWS: no X-Amz-Content-Sha256, no signature.
+		// The broker buffers and hashes the body and signs it.
+		file := filepath.Join(t.TempDir(), "curl.txt")
+		if err := os.WriteFile(file, small, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command("curl", "-sS", "--fail-with-body", "--proxy", w.b.proxyURL(), "--cacert", w.h.caPEM(),
+			"-T", file, aws.ToString(w.client.Options().BaseEndpoint)+"/bucket-a/curl.txt").CombinedOutput()
+		if err != nil {
+			t.Fatalf("curl PUT: %v\n%s", err, out)
+		}
+		got, err := w.root.GetObject(ctx, &s3.GetObjectInput{Bucket: aws.String("bucket-a"), Key: aws.String("curl.txt")})
+		if err != nil {
+			t.Fatalf("the object curl PUT is not in MinIO: %v", err)
+		}
+		b, _ := io.ReadAll(got.Body)
+		got.Body.Close()
+		if !bytes.Equal(b, small) {
+			t.Fatalf("MinIO stored %q", b)
+		}
+	})
+	t.Run("anonymous SDK client", func(t *testing.T) {
+		// An SDK with no credentials signs nothing (it declares
+		// UNSIGNED-PAYLOAD, which the broker keeps).
+		anon := s3.New(w.client.Options(), func(o *s3.Options) { o.Credentials = aws.AnonymousCredentials{} })
+		var sent string
+		if _, err := anon.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String("bucket-a"), Key: aws.String("anon.txt"),
+			Body: bytes.NewReader(small)}, s3.WithAPIOptions(func(st *middleware.Stack) error {
+			return captureHeader(st, "X-Amz-Content-Sha256", &sent)
+		})); err != nil {
+			t.Fatalf("anonymous PutObject: %v", err)
+		}
+		t.Logf("the anonymous SDK sent X-Amz-Content-Sha256 %q", sent)
+		out, err := anon.GetObject(ctx, &s3.GetObjectInput{Bucket: aws.String("bucket-a"), Key: aws.String("anon.txt")})
+		if err != nil {
+			t.Fatalf("anonymous GetObject: %v", err)
+		}
+		got, _ := io.ReadAll(out.Body)
+		out.Body.Close()
+		if !bytes.Equal(got, small) {
+			t.Fatalf("anonymous GetObject returned %q", got)
+		}
+	})
 	t.Run("ListObjectsV2", func(t *testing.T) {
 		out, err := w.client.ListObjectsV2(ctx, &s3.ListObjectsV2Input{Bucket: aws.String("bucket-a")})
 		if err != nil {
 			t.Fatalf("ListObjectsV2: %v", err)
 		}
-		if len(out.Contents) != 3 {
-			t.Fatalf("listed %d objects, want 3", len(out.Contents))
+		if len(out.Contents) != 5 {
+			t.Fatalf("listed %d objects, want 5", len(out.Contents))
 		}
 	})
 	t.Run("DeleteObject", func(t *testing.T) {
@@ -272,6 +338,9 @@ func TestAWSDeniedAndFailuresForwardNothing(t *testing.T) {
 	w := newAWSWorld(t)
 	ctx := context.Background()
 	body := []byte("precious")
+	if _, err := w.root.CreateBucket(ctx, &s3.CreateBucketInput{Bucket: aws.String("bucket-a")}); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := w.root.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String("bucket-a"), Key: aws.String("protected/keep"),
 		Body: bytes.NewReader(body)}); err != nil {
 		t.Fatal(err)
