@@ -4,8 +4,6 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
-	"net/netip"
-	"net/url"
 	"reflect"
 	"regexp"
 	"sort"
@@ -128,19 +126,7 @@ func (c *Config) validateSTS(cr Credential, add func(msg string, path ...any)) {
 
 // checkEndpoint wants https, or http for a loopback test endpoint.
 func checkEndpoint(s string) error {
-	u, err := url.Parse(s)
-	if err != nil || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
-		return fmt.Errorf("%q is not an endpoint URL", s)
-	}
-	switch u.Scheme {
-	case "https":
-		return nil
-	case "http":
-		if ip, err := netip.ParseAddr(u.Hostname()); (err == nil && ip.IsLoopback()) || u.Hostname() == "localhost" {
-			return nil
-		}
-	}
-	return fmt.Errorf("%q must be https (http only on loopback)", s)
+	return checkServiceURL(s, "an endpoint URL", "on loopback")
 }
 
 // sourceEnv is what building a source may need beyond its own entry.

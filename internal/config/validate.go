@@ -273,9 +273,15 @@ func checkIssuer(s string) error {
 	if s == "" {
 		return fmt.Errorf("is required")
 	}
+	return checkServiceURL(s, "an issuer URL", "for a loopback issuer")
+}
+
+// checkServiceURL wants an absolute https URL without credentials, query
+// or fragment; http only on loopback, where nothing crosses a network.
+func checkServiceURL(s, what, loopbackNote string) error {
 	u, err := url.Parse(s)
 	if err != nil || u.Host == "" || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
-		return fmt.Errorf("%q is not an issuer URL", s)
+		return fmt.Errorf("%q is not %s", s, what)
 	}
 	switch u.Scheme {
 	case "https":
@@ -285,7 +291,7 @@ func checkIssuer(s string) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("%q must be https (http only for a loopback issuer)", s)
+	return fmt.Errorf("%q must be https (http only %s)", s, loopbackNote)
 }
 
 func validHeaderName(s string) bool {
