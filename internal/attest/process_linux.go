@@ -17,9 +17,10 @@ import (
 	"slices"
 	"strconv"
 	"sync/atomic"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/keygate/broker/internal/origdst"
 
 	"github.com/keygate/broker/internal/broker"
 )
@@ -320,35 +321,7 @@ func parseDiagMsg(b []byte, src, dst netip.AddrPort) (peerSocket, error) {
 
 // originalDst returns the pre-NAT destination of a redirected connection
 // (SO_ORIGINAL_DST), which is the remote address the caller's socket holds.
-func originalDst(tc *net.TCPConn) (netip.AddrPort, bool) {
-	rc, err := tc.SyscallConn()
-	if err != nil {
-		return netip.AddrPort{}, false
-	}
-	var out netip.AddrPort
-	_ = rc.Control(func(fd uintptr) {
-		var b [28]byte // sockaddr_in6 (sockaddr_in fits)
-		for _, level := range []int{unix.SOL_IP, unix.SOL_IPV6} {
-			l := uint32(len(b))
-			_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), unix.SO_ORIGINAL_DST,
-				uintptr(unsafe.Pointer(&b[0])), uintptr(unsafe.Pointer(&l)), 0)
-			if e != 0 {
-				continue
-			}
-			port := binary.BigEndian.Uint16(b[2:])
-			switch binary.NativeEndian.Uint16(b[0:]) {
-			case unix.AF_INET:
-				out = netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[4:8])), port)
-			case unix.AF_INET6:
-				out = netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[8:24])), port)
-			}
-			if out.IsValid() {
-				return
-			}
-		}
-	})
-	return out, out.IsValid()
-}
+func originalDst(tc *net.TCPConn) (netip.AddrPort, bool) { return origdst.Get(tc) }
 
 // --- Unix sockets ------------------------------------------------------------
 

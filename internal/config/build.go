@@ -143,9 +143,11 @@ type Runtime struct {
 	ProxyAddr    net.Addr
 	ProxyTLS     *intercept.Proxy // nil unless listen.proxy_tls is set
 	ProxyTLSAddr net.Addr         // nil unless listen.proxy_tls is set
-	AdminAddr    net.Addr         // nil when no admin listener
-	CACertPath   string           // where clients find the CA (ephemeral cert_out or ca.cert)
-	DemoURL      string           // the demo echo upstream, when enabled
+	// TransparentAddr is the REDIRECT target; nil unless listen.transparent is set.
+	TransparentAddr net.Addr
+	AdminAddr       net.Addr // nil when no admin listener
+	CACertPath      string   // where clients find the CA (ephemeral cert_out or ca.cert)
+	DemoURL         string   // the demo echo upstream, when enabled
 
 	log       *zap.Logger
 	proxyLn   net.Listener
@@ -156,6 +158,7 @@ type Runtime struct {
 	// proxy_tls: the TCP listener and the TLS listener served over it.
 	proxyTLSLn    net.Listener
 	proxyTLSServe net.Listener
+	transparentLn net.Listener
 	// stopAttestors ends attestors' background work (key refreshes).
 	stopAttestors context.CancelFunc
 	reload        reloadState
@@ -252,6 +255,13 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		rt.ProxyTLSAddr = rt.proxyTLSLn.Addr()
 		self = append(self, addrPort(rt.proxyTLSLn.Addr()))
 	}
+	if c.Listen.Transparent != "" {
+		if rt.transparentLn, err = net.Listen("tcp", c.Listen.Transparent); err != nil {
+			return nil, Problems{c.problem(fmt.Sprintf("listen.transparent: %v", err), "listen", "transparent")}
+		}
+		rt.TransparentAddr = rt.transparentLn.Addr()
+		self = append(self, addrPort(rt.transparentLn.Addr()))
+	}
 
 	dialer := egress.New(egress.Options{
 		DenyPrivate: c.Egress.DenyPrivate == nil || *c.Egress.DenyPrivate,
@@ -284,8 +294,9 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 			UpstreamTimeout:   time.Duration(c.Limits.UpstreamTimeout),
 			MaxHeaderBytes:    c.Limits.MaxHeaderBytes,
 		},
-		Clock:      o.Clock,
-		Delegation: delegation,
+		Clock:       o.Clock,
+		Delegation:  delegation,
+		Transparent: rt.transparentLn != nil,
 	})
 	if err != nil {
 		return nil, err
@@ -594,8 +605,11 @@ func (rt *Runtime) Run(ctx context.Context) error {
 			rt.log.Warn("config changes will not be picked up automatically; send SIGHUP to reload", zap.Error(err))
 		}
 	}
-	errc := make(chan error, 3)
+	errc := make(chan error, 4)
 	go func() { errc <- rt.Proxy.Serve(rt.proxyLn) }()
+	if rt.transparentLn != nil {
+		go func() { errc <- rt.Proxy.ServeTransparent(rt.transparentLn) }()
+	}
 	if rt.ProxyTLS != nil {
 		go func() { errc <- rt.ProxyTLS.Serve(rt.proxyTLSServe) }()
 	}
@@ -620,6 +634,9 @@ func (rt *Runtime) Run(ctx context.Context) error {
 	if rt.admin != nil {
 		_ = rt.admin.Shutdown(sctx)
 	}
+	if rt.transparentLn != nil {
+		_ = rt.transparentLn.Close()
+	}
 	if serr := rt.Proxy.Shutdown(sctx); err == nil && serr != nil && !errors.Is(serr, context.DeadlineExceeded) {
 		err = serr
 	}
@@ -636,7 +653,7 @@ func (rt *Runtime) Run(ctx context.Context) error {
 }
 
 func (rt *Runtime) closeListeners() {
-	for _, ln := range []net.Listener{rt.proxyLn, rt.adminLn, rt.proxyTLSLn} {
+	for _, ln := range []net.Listener{rt.proxyLn, rt.adminLn, rt.proxyTLSLn, rt.transparentLn} {
 		if ln != nil {
 			_ = ln.Close()
 		}

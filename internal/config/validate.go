@@ -48,7 +48,9 @@ func (c *Config) validate() Problems {
 		}
 	}
 	if c.Listen.Transparent != "" {
-		add("listen.transparent "+notInThisBuild, "listen", "transparent")
+		if err := checkListenAddr(c.Listen.Transparent); err != nil {
+			add("listen.transparent: "+err.Error(), "listen", "transparent")
+		}
 	}
 
 	switch {

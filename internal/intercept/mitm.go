@@ -32,14 +32,30 @@ func (p *Proxy) tunnel(ctx context.Context, client net.Conn, x *exchange, host s
 		return
 	}
 	defer done()
+	p.dialAndSplice(ctx, client, x, host, port, connectEstablished(x.rec.RequestID))
+}
+
+// spliceTo is a tunnel for a transparent connection: no CONNECT to answer.
+func (p *Proxy) spliceTo(ctx context.Context, client net.Conn, x *exchange, host string, port int) {
+	p.dialAndSplice(ctx, client, x, host, port, nil)
+}
+
+// dialAndSplice dials host:port through the egress dialer, sends reply (if
+// any) once the upstream is connected, and splices until either side ends.
+func (p *Proxy) dialAndSplice(ctx context.Context, client net.Conn, x *exchange, host string, port int, reply []byte) {
 	up, err := p.opts.Dialer.DialContext(ctx, "tcp", joinHostPort(host, port))
 	if err != nil {
-		writeRawError(client, x.fail(upstreamError(err)), x.rec.RequestID)
+		be := x.fail(upstreamError(err))
+		if reply != nil {
+			writeRawError(client, be, x.rec.RequestID)
+		}
 		return
 	}
 	defer up.Close()
-	if _, err := client.Write(connectEstablished(x.rec.RequestID)); err != nil {
-		return
+	if reply != nil {
+		if _, err := client.Write(reply); err != nil {
+			return
+		}
 	}
 	x.rec.Status = http.StatusOK
 	var in, out atomic.Int64
@@ -95,9 +111,16 @@ func (p *Proxy) intercept(client net.Conn, x *exchange, host string, port int) {
 			"a CONNECT tunnel must carry TLS", nil)), x.rec.RequestID)
 		return
 	}
+	p.serveTLS(client, br, x, host, port)
+}
+
+// serveTLS terminates the workload's TLS (its first bytes may already sit
+// in br) with a leaf for host and serves the inner requests, each bound to
+// host:port.
+func (p *Proxy) serveTLS(client net.Conn, br *bufio.Reader, x *exchange, host string, port int) {
 	tc := tls.Server(&peekedConn{Conn: client, r: br}, p.tlsConfig(host))
 	hctx, cancel := context.WithTimeout(context.Background(), p.limits.HandshakeTimeout)
-	err = tc.HandshakeContext(hctx)
+	err := tc.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
 		if errors.Is(err, errSNIMismatch) {

@@ -76,6 +76,9 @@ type Options struct {
 	Limits        Limits
 	Clock         broker.Clock
 	Delegation    Delegator // nil: on-behalf-of tokens are not accepted
+	// Transparent prepares ServeTransparent: the broker's own upstream
+	// connections are remembered so a redirect loop is detected.
+	Transparent bool
 }
 
 // Delegator verifies the on-behalf-of user token carried in Header();
@@ -103,6 +106,7 @@ type Proxy struct {
 	hijacked map[net.Conn]struct{}
 	inner    map[*http.Server]*oneConnListener // per-tunnel servers, for graceful shutdown
 	closed   bool
+	loops    *loopGuard // nil unless Options.Transparent
 }
 
 // SetPipeline swaps in a new pipeline (a reloaded config). Requests already
@@ -133,7 +137,11 @@ func New(o Options) (*Proxy, error) {
 	}
 	p := &Proxy{opts: o, limits: o.Limits.withDefaults(), log: o.Logger, hijacked: map[net.Conn]struct{}{}, inner: map[*http.Server]*oneConnListener{}}
 	p.pipe.Store(o.Pipeline)
-	p.tr = newTransport(o.Dialer, o.UpstreamRoots, p.limits)
+	if o.Transparent {
+		p.loops = &loopGuard{}
+		p.opts.Dialer = p.loops.dialer(o.Dialer)
+	}
+	p.tr = newTransport(p.opts.Dialer, o.UpstreamRoots, p.limits)
 	p.gp = p.newGoproxy()
 	p.srv = &http.Server{
 		Handler:           http.HandlerFunc(p.serveFront),
@@ -291,7 +299,10 @@ func (p *Proxy) trackConnState(_ net.Conn, s http.ConnState) {
 
 // hijack registers a tunnel connection so Shutdown can close it; the
 // returned func unregisters it.
-func (p *Proxy) hijack(c net.Conn) (done func(), ok bool) {
+func (p *Proxy) hijack(c net.Conn) (done func(), ok bool) { return p.track(c, p.opts.Listener) }
+
+// track is hijack for a connection counted under listener.
+func (p *Proxy) track(c net.Conn, listener string) (done func(), ok bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -303,7 +314,7 @@ func (p *Proxy) hijack(c net.Conn) (done func(), ok bool) {
 		delete(p.hijacked, c)
 		p.mu.Unlock()
 		if p.opts.Metrics != nil {
-			p.opts.Metrics.Active.WithLabelValues(p.opts.Listener).Dec()
+			p.opts.Metrics.Active.WithLabelValues(listener).Dec()
 		}
 	}, true
 }

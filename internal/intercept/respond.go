@@ -118,6 +118,8 @@ func upstreamError(err error) *broker.Error {
 	switch {
 	case errors.As(err, &be):
 		return be
+	case errors.Is(err, ErrLoop):
+		return broker.NewError(broker.CodeLoopDetected, "the broker's own connection was redirected back to it; exempt the broker from the redirect", err)
 	case errors.Is(err, egress.ErrDenied):
 		return broker.NewError(broker.CodeEgressDenied, "the destination address is not allowed", err)
 	case errors.As(err, &unknownCA), errors.As(err, &hostErr), errors.As(err, &invalid),
