@@ -115,6 +115,9 @@ type harness struct {
 
 	clientOnce sync.Once
 	cl         *http.Client
+
+	taddr     string   // transparent listener, when harnessOpts.transparent
+	redirects sync.Map // client local addr -> original destination
 }
 
 type harnessOpts struct {
@@ -126,6 +129,10 @@ type harnessOpts struct {
 	attest  broker.Attestor    // default: cidr 127.0.0.0/8 -> "local-test"
 	deleg   Delegator
 	clock   broker.Clock // default the wall clock
+	// transparent also serves a transparent listener (h.taddr) whose
+	// original destinations come from h.redirect, not from a NAT table.
+	transparent bool
+	resolver    egress.Resolver // default net.DefaultResolver
 }
 
 func newCanary() string {
@@ -189,7 +196,8 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 		t.Fatal(err)
 	}
 	h.addr = ln.Addr().String()
-	dialer := egress.New(egress.Options{DenyPrivate: true, AllowCIDRs: prefixes, SelfAddrs: []netip.AddrPort{netip.MustParseAddrPort(h.addr)}})
+	dialer := egress.New(egress.Options{DenyPrivate: true, AllowCIDRs: prefixes, Resolver: o.resolver,
+		SelfAddrs: []netip.AddrPort{netip.MustParseAddrPort(h.addr)}})
 	p, err := New(Options{
 		Pipeline:      &broker.Pipeline{Attestor: h.attestor, Policy: set, Sources: h.sources},
 		Dialer:        dialer,
@@ -201,12 +209,23 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 		Limits:        o.limits,
 		Delegation:    o.deleg,
 		Clock:         o.clock,
+		Transparent:   o.transparent,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	h.proxy = p
 	go func() { _ = p.Serve(ln) }()
+	if o.transparent {
+		tln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.taddr = tln.Addr().String()
+		p.origDst = h.lookupRedirect
+		go func() { _ = p.ServeTransparent(tln) }()
+		t.Cleanup(func() { _ = tln.Close() })
+	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
@@ -368,4 +387,31 @@ func (h *harness) auditLines() []map[string]any {
 
 func bearerRule(name, host string) rules.Spec {
 	return rules.Spec{Name: name, Hosts: []string{host}, Inject: &broker.Injection{Credential: "token", Injector: inject.Bearer()}}
+}
+
+// lookupRedirect plays the kernel's SO_ORIGINAL_DST for connections made
+// with redirectDial (the client registers right after connect returns, so
+// the server side may have to wait a moment).
+func (h *harness) lookupRedirect(c net.Conn) (netip.AddrPort, bool) {
+	key := c.RemoteAddr().String()
+	for i := 0; i < 200; i++ {
+		if v, ok := h.redirects.Load(key); ok {
+			return v.(netip.AddrPort), true
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return netip.AddrPort{}, false
+}
+
+// redirectDial connects to the transparent listener as if an iptables
+// REDIRECT had sent a connection for orig there.
+func (h *harness) redirectDial(orig string) net.Conn {
+	h.t.Helper()
+	c, err := net.Dial("tcp", h.taddr)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.redirects.Store(c.LocalAddr().String(), netip.MustParseAddrPort(orig))
+	h.t.Cleanup(func() { _ = c.Close() })
+	return c
 }

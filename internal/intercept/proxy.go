@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/origdst"
 )
 
 // EgressDialer is the one egress path (package egress implements it). Check
@@ -107,6 +108,9 @@ type Proxy struct {
 	inner    map[*http.Server]*oneConnListener // per-tunnel servers, for graceful shutdown
 	closed   bool
 	loops    *loopGuard // nil unless Options.Transparent
+	// origDst recovers a redirected connection's destination; tests
+	// replace it because SO_ORIGINAL_DST needs a real NAT redirect.
+	origDst func(net.Conn) (netip.AddrPort, bool)
 }
 
 // SetPipeline swaps in a new pipeline (a reloaded config). Requests already
@@ -140,6 +144,7 @@ func New(o Options) (*Proxy, error) {
 	if o.Transparent {
 		p.loops = &loopGuard{}
 		p.opts.Dialer = p.loops.dialer(o.Dialer)
+		p.origDst = origdst.Get
 	}
 	p.tr = newTransport(p.opts.Dialer, o.UpstreamRoots, p.limits)
 	p.gp = p.newGoproxy()

@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -17,7 +16,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/keygate/broker/internal/broker"
-	"github.com/keygate/broker/internal/origdst"
 )
 
 // Transparent mode (listen.transparent): connections an iptables/nft
@@ -110,7 +108,7 @@ func (p *Proxy) serveTransparent(c net.Conn) {
 		}
 	}()
 
-	orig, ok := origdst.Get(c)
+	orig, ok := p.origDst(c)
 	local := tcpAddrPortOf(c.LocalAddr())
 	remote := tcpAddrPortOf(c.RemoteAddr())
 	if !ok || orig == local {
@@ -330,26 +328,19 @@ type helloConn struct {
 }
 
 func (h *helloConn) Read(b []byte) (int, error) {
-	want := h.off + len(b)
-	if want > maxPeek {
-		want = maxPeek
-	}
-	if want <= h.off {
+	if h.off >= maxPeek || h.off >= h.br.Size() {
 		return 0, errors.New("intercept: ClientHello larger than the peek limit")
 	}
-	if want > h.br.Size() {
-		want = h.br.Size()
+	// Block for one more byte than already returned, then hand over all
+	// that is buffered: asking Peek for len(b) would wait for bytes the
+	// client only sends after our (never sent) ServerHello.
+	if _, err := h.br.Peek(h.off + 1); err != nil {
+		return 0, err
 	}
-	buf, err := h.br.Peek(want)
-	n := copy(b, buf[min(h.off, len(buf)):])
+	buf, _ := h.br.Peek(h.br.Buffered())
+	n := copy(b, buf[h.off:])
 	h.off += n
-	if n > 0 {
-		return n, nil
-	}
-	if err == nil {
-		err = io.ErrUnexpectedEOF
-	}
-	return 0, err
+	return n, nil
 }
 
 func (h *helloConn) Write(b []byte) (int, error)        { return len(b), nil }
