@@ -313,4 +313,3 @@ func TestLooksLikeHTTP(t *testing.T) {
 		}
 	}
 }
-
