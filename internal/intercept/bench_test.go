@@ -282,8 +282,18 @@ func benchJSONLogger() *zap.Logger {
 // composes it: cidr attestor, one compiled CEL rule injecting a static
 // bearer token, guarded egress dialer (refusing self, the listener at
 // self), ephemeral CA with its leaf cache, metrics on a fresh registry.
-func benchNewKeygate(b *testing.B, up *benchUpstream, logger *zap.Logger, self netip.AddrPort) (*Proxy, *ca.CA) {
+// benchKGOpts varies benchNewKeygate: the rule's host, and transparent mode.
+type benchKGOpts struct {
+	host        string // default 127.0.0.1
+	transparent bool
+}
+
+func benchNewKeygate(b *testing.B, up *benchUpstream, logger *zap.Logger, self netip.AddrPort, opts ...benchKGOpts) (*Proxy, *ca.CA) {
 	b.Helper()
+	o := benchKGOpts{host: "127.0.0.1"}
+	if len(opts) > 0 {
+		o = opts[0]
+	}
 	authority, err := ca.Ephemeral("", broker.SystemClock{})
 	if err != nil {
 		b.Fatal(err)
@@ -300,7 +310,7 @@ func benchNewKeygate(b *testing.B, up *benchUpstream, logger *zap.Logger, self n
 	chain := attest.NewChain(nil, attest.Named{Name: "cidr", Attestor: cidr})
 	set, errs := rules.Compile([]rules.Spec{{
 		Name:   "bench-upstream",
-		Hosts:  []string{"127.0.0.1"},
+		Hosts:  []string{o.host},
 		Ports:  []int{up.port},
 		When:   `request.method == "GET"`,
 		Inject: &broker.Injection{Credential: "bench-token", Injector: inject.Bearer()},
@@ -329,6 +339,7 @@ func benchNewKeygate(b *testing.B, up *benchUpstream, logger *zap.Logger, self n
 		Fingerprints:  broker.NewFingerprinter(),
 		Logger:        logger,
 		Metrics:       metrics,
+		Transparent:   o.transparent,
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -487,7 +498,7 @@ func benchBurst(b *testing.B, c *http.Client, target string, n int) {
 // so load from elsewhere on a shared machine lands on every mode alike. It
 // reports each mode's req/s and the ratios the target is stated in; ns/op
 // and allocs/op are averages over all modes and mean little here.
-func benchInterleaved(b *testing.B, modes []benchMode, target string) {
+func benchInterleaved(b *testing.B, modes []benchMode, target string, ratios [][2]string) {
 	for _, m := range modes {
 		benchWarm(b, m.client, target)
 	}
@@ -512,7 +523,7 @@ func benchInterleaved(b *testing.B, modes []benchMode, target string) {
 			b.ReportMetric(rate[m.name], m.name+"-req/s")
 		}
 	}
-	for _, r := range [][2]string{{"keygate", "goproxy-mitm"}, {"keygate-jsonlog", "goproxy-mitm"}, {"goproxy-mitm", "direct"}, {"keygate", "direct"}} {
+	for _, r := range ratios {
 		if rate[r[0]] > 0 && rate[r[1]] > 0 {
 			b.ReportMetric(100*rate[r[0]]/rate[r[1]], r[0]+"/"+r[1]+"-%")
 		}
@@ -549,7 +560,9 @@ func BenchmarkThroughput(b *testing.B) {
 	}
 	// The same four modes taking turns: the ratios to read on a shared or
 	// noisy machine.
-	b.Run("interleaved", func(b *testing.B) { benchInterleaved(b, modes, base+"/") })
+	b.Run("interleaved", func(b *testing.B) {
+		benchInterleaved(b, modes, base+"/", [][2]string{{"keygate", "goproxy-mitm"}, {"keygate-jsonlog", "goproxy-mitm"}, {"goproxy-mitm", "direct"}, {"keygate", "direct"}})
+	})
 }
 
 // benchInnerRequest is an intercepted request as the tunnel's server hands
