@@ -8,6 +8,11 @@ need=()
 command -v curl >/dev/null || need+=(curl)
 command -v git >/dev/null || need+=(git)
 [ -x "$(git --exec-path 2>/dev/null)/git-http-backend" ] || need+=(git)
+# Transparent mode: the redirect script's backends and network namespaces.
+command -v iptables >/dev/null || need+=(iptables)
+command -v nft >/dev/null || need+=(nftables)
+command -v ip >/dev/null || need+=(iproute2)
+command -v setpriv >/dev/null || need+=(util-linux)
 # SPIRE server + agent for the SPIFFE integration tests: built once from the
 # Go module proxy into a version-keyed cache (scripts/spire.sh; ~8 min cold).
 # MinIO (STS + SigV4-verifying S3) and Vault likewise (scripts/minio.sh,
