@@ -21,6 +21,8 @@ var credentialKeys = map[string][]string{
 	"static": {"value", "values"},
 	"aws_sts": {"role_arn", "duration", "region", "endpoint", "external_id", "source_identity",
 		"session_policy", "session_tags", "web_identity", "timeout"},
+	"vault_kv":      {"vault", "path", "field", "fields", "version", "kv_version"},
+	"vault_dynamic": {"vault", "path", "field", "fields"},
 }
 
 // usedKeys lists the YAML keys of cr that are set.

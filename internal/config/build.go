@@ -6,10 +6,12 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -161,7 +163,10 @@ type Runtime struct {
 	transparentLn net.Listener
 	// stopAttestors ends attestors' background work (key refreshes).
 	stopAttestors context.CancelFunc
-	reload        reloadState
+	// vaults are the Vault connections: Run logs them in, shutdown closes
+	// them after the credential caches (which revoke their leases).
+	vaults []*inject.Vault
+	reload reloadState
 }
 
 // Build validates the file and composes the broker. On error nothing is
@@ -214,7 +219,9 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		ps = append(ps, c.problem(err.Error(), "egress", "ca_bundle"))
 	}
 	srcEnv := sourceEnv{ctx: context.Background(), clock: o.Clock, metrics: credMetrics, roots: roots, spiffe: c.spiffeSocket()}
-	sources, sps := c.buildSources(srcEnv)
+	vaults, vps := c.buildVaults(srcEnv, o.Logger.Named("vault"))
+	ps = append(ps, vps...)
+	sources, sps := c.buildSources(srcEnv, vaults)
 	ps = append(ps, sps...)
 	var attestCtx context.Context
 	attestCtx, rt.stopAttestors = context.WithCancel(context.Background())
@@ -223,6 +230,13 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 	delegation, dready, dps := c.buildDelegation(attestCtx, roots, o.Clock, o.DryRun)
 	ps = append(ps, dps...)
 	readyChecks = append(readyChecks, dready...)
+	for _, name := range slices.Sorted(maps.Keys(vaults)) {
+		if v := vaults[name]; v != nil {
+			// Ready once the broker holds a Vault token (Run logs in).
+			rt.vaults = append(rt.vaults, v)
+			readyChecks = append(readyChecks, v.Ready)
+		}
+	}
 	if len(ps) > 0 {
 		return nil, sortProblems(ps)
 	}
@@ -277,7 +291,7 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 	})
 	pipe := &broker.Pipeline{Attestor: chain, Policy: set, Sources: sources, Clock: o.Clock}
 	rt.reload = reloadState{cfg: c, clock: o.Clock, chain: chain, credMetrics: credMetrics, roots: roots,
-		counter: newReloadCounter(rt.Registry)}
+		counter: newReloadCounter(rt.Registry), vaults: vaults, closers: sourceClosers(sources), log: o.Logger}
 	rt.Proxy, err = intercept.New(intercept.Options{
 		Listener:      "proxy",
 		Pipeline:      pipe,
@@ -423,10 +437,24 @@ func (c *Config) upstreamRoots(authority *ca.CA) (*x509.CertPool, error) {
 	return pool, nil
 }
 
-func (c *Config) buildSources(env sourceEnv) (map[string]broker.Source, Problems) {
+// buildSources builds every credential; vault sources use the running
+// connections in vaults (a name missing from it is reported, a nil
+// connection was reported already).
+func (c *Config) buildSources(env sourceEnv, vaults map[string]*inject.Vault) (map[string]broker.Source, Problems) {
 	var ps Problems
 	out := make(map[string]broker.Source, len(c.Credentials))
 	for name, cr := range c.Credentials {
+		if cr.Source == "vault_kv" || cr.Source == "vault_dynamic" {
+			src, err := c.buildVaultSource(env, vaults, name, cr)
+			if err != nil {
+				ps = append(ps, c.problem(fmt.Sprintf("credential %q: %v", name, strings.TrimPrefix(err.Error(), "inject: ")), "credentials", name))
+				continue
+			}
+			if src != nil {
+				out[name] = src
+			}
+			continue
+		}
 		if cr.Source == "aws_sts" {
 			src, err := c.buildSTS(env, name, cr)
 			if err != nil {
@@ -606,6 +634,9 @@ func (rt *Runtime) Run(ctx context.Context) error {
 		}
 	}
 	errc := make(chan error, 4)
+	for _, v := range rt.vaults {
+		v.Start(ctx) // log in now, so /readyz turns ready before the first request
+	}
 	go func() { errc <- rt.Proxy.Serve(rt.proxyLn) }()
 	if rt.transparentLn != nil {
 		go func() { errc <- rt.Proxy.ServeTransparent(rt.transparentLn) }()
@@ -649,7 +680,30 @@ func (rt *Runtime) Run(ctx context.Context) error {
 		rt.demo.close()
 	}
 	rt.stopAttestors()
+	// Its own budget: the requests that held leases are done (or cut off)
+	// by now, and revocations must not be skipped because the listeners
+	// used up sctx.
+	cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
+	rt.closeCredentials(cctx)
+	ccancel()
 	return err
+}
+
+// closeCredentials revokes what the credential sources hold, once no
+// request uses them: cached Vault leases first, then each Vault
+// connection's own login token (which also revokes any lease left).
+func (rt *Runtime) closeCredentials(ctx context.Context) {
+	st := &rt.reload
+	st.mu.Lock()
+	closers := st.closers
+	st.closers = nil
+	st.mu.Unlock()
+	closeAll(ctx, rt.log, "a credential cache", closers)
+	vs := make([]inject.Closer, 0, len(rt.vaults))
+	for _, v := range rt.vaults {
+		vs = append(vs, v)
+	}
+	closeAll(ctx, rt.log, "a vault connection", vs)
 }
 
 func (rt *Runtime) closeListeners() {
@@ -663,5 +717,8 @@ func (rt *Runtime) closeListeners() {
 	}
 	if rt.stopAttestors != nil {
 		rt.stopAttestors()
+	}
+	for _, v := range rt.vaults {
+		_ = v.Close(context.Background()) // not logged in yet: nothing to revoke
 	}
 }

@@ -27,7 +27,18 @@ type reloadState struct {
 	credMetrics *inject.Metrics
 	roots       *x509.CertPool // upstream roots for sources' own clients; egress needs a restart
 	counter     *prometheus.CounterVec
+	// vaults are the running Vault connections (restart-only); reloaded
+	// vault credentials are built on them.
+	vaults map[string]*inject.Vault
+	// closers are the serving sources that hold leases; a reload closes
+	// the ones it replaces.
+	closers []inject.Closer
+	log     *zap.Logger
 }
+
+// replacedGrace is how long a reload lets requests that still use a
+// replaced source's cached lease finish before revoking it anyway.
+const replacedGrace = time.Minute
 
 func newReloadCounter(reg prometheus.Registerer) *prometheus.CounterVec {
 	c := prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -81,7 +92,7 @@ func (rt *Runtime) reloadLocked(st *reloadState) error {
 	set, rps := c.compileRules(st.clock)
 	ps = append(ps, rps...)
 	sources, sps := c.buildSources(sourceEnv{ctx: context.Background(), clock: st.clock, metrics: st.credMetrics,
-		roots: st.roots, spiffe: c.spiffeSocket()})
+		roots: st.roots, spiffe: c.spiffeSocket()}, st.vaults)
 	if ps = append(ps, sps...); len(ps) > 0 {
 		return sortProblems(ps)
 	}
@@ -92,7 +103,7 @@ func (rt *Runtime) reloadLocked(st *reloadState) error {
 	}{
 		{"listen", old.Listen, c.Listen}, {"ca", old.CA, c.CA}, {"egress", old.Egress, c.Egress},
 		{"limits", old.Limits, c.Limits}, {"attestors", old.Attestors, c.Attestors},
-		{"delegation", old.Delegation, c.Delegation}, {"demo", old.Demo, c.Demo},
+		{"delegation", old.Delegation, c.Delegation}, {"demo", old.Demo, c.Demo}, {"vaults", old.Vaults, c.Vaults},
 	} {
 		if !reflect.DeepEqual(ch.old, ch.new) {
 			rt.log.Warn("config: this section changed but needs a restart to apply; the running value stays", zap.String("section", ch.name))
@@ -106,6 +117,17 @@ func (rt *Runtime) reloadLocked(st *reloadState) error {
 	rt.Proxy.SetPipeline(pipe)
 	if rt.ProxyTLS != nil {
 		rt.ProxyTLS.SetPipeline(pipe)
+	}
+	// The replaced sources' cached leases are revoked once the requests
+	// still using them finish (at most replacedGrace).
+	replaced := st.closers
+	st.closers = sourceClosers(sources)
+	if len(replaced) > 0 {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), replacedGrace)
+			defer cancel()
+			closeAll(ctx, st.log, "a replaced credential cache", replaced)
+		}()
 	}
 	// Keep the running values of restart-only sections, so the next reload
 	// compares against what is actually serving.

@@ -15,7 +15,7 @@ type File struct {
 	Attestors   []Attestor            `yaml:"attestors"`
 	Delegation  *Delegation           `yaml:"delegation"`
 	Egress      Egress                `yaml:"egress"`
-	Vaults      map[string]any        `yaml:"vaults"`
+	Vaults      map[string]Vault      `yaml:"vaults"`
 	Credentials map[string]Credential `yaml:"credentials"`
 	Rules       []Rule                `yaml:"rules"`
 	Databases   []map[string]any      `yaml:"databases"`
@@ -103,6 +103,11 @@ type Credential struct {
 	RoleARN  string            `yaml:"role_arn"`
 	Duration string            `yaml:"duration"`
 
+	// vault_kv and vault_dynamic (vault, path and field above)
+	Fields    map[string]string `yaml:"fields"`     // credential field -> Vault key
+	Version   int               `yaml:"version"`    // vault_kv: KV v2 version pin
+	KVVersion int               `yaml:"kv_version"` // vault_kv: 1 or 2; unset: detected
+
 	// aws_sts
 	Region         string            `yaml:"region"`
 	Endpoint       string            `yaml:"endpoint"`
@@ -112,6 +117,27 @@ type Credential struct {
 	SessionTags    map[string]string `yaml:"session_tags"`
 	WebIdentity    *WebIdentity      `yaml:"web_identity"`
 	Timeout        Duration          `yaml:"timeout"`
+}
+
+// Vault is one vaults: entry, a Vault server the broker logs in to.
+type Vault struct {
+	Address   string    `yaml:"address"`
+	CABundle  string    `yaml:"ca_bundle"`
+	Namespace string    `yaml:"namespace"`
+	Timeout   Duration  `yaml:"timeout"`
+	UseEnv    bool      `yaml:"use_env"`
+	Auth      VaultAuth `yaml:"auth"`
+}
+
+// VaultAuth is the broker's own Vault login.
+type VaultAuth struct {
+	Method       string      `yaml:"method"` // jwt, kubernetes, approle, token_file
+	Mount        string      `yaml:"mount"`
+	Role         string      `yaml:"role"`
+	TokenFile    string      `yaml:"token_file"`
+	JWTSVID      *JWTSVIDRef `yaml:"jwt_svid"`
+	RoleIDFile   string      `yaml:"role_id_file"`
+	SecretIDFile string      `yaml:"secret_id_file"`
 }
 
 // WebIdentity is the broker's own token for AssumeRoleWithWebIdentity:

@@ -209,7 +209,7 @@ func TestStaticSecretResolution(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			sources, ps := c.buildSources(sourceEnv{ctx: context.Background(), clock: broker.SystemClock{}})
+			sources, ps := c.buildSources(sourceEnv{ctx: context.Background(), clock: broker.SystemClock{}}, nil)
 			if len(ps) > 0 {
 				t.Fatalf("problems: %v", ps)
 			}

@@ -153,9 +153,7 @@ func (c *Config) validate() Problems {
 			}
 		}
 	}
-	if len(c.Vaults) > 0 {
-		add("vaults "+notInThisBuild, "vaults")
-	}
+	ps = append(ps, c.validateVaults()...)
 	if len(c.Databases) > 0 {
 		add("databases "+notInThisBuild, "databases")
 	}
@@ -229,7 +227,10 @@ func (c *Config) validateCredential(name string, cr Credential) Problems {
 	case "aws_sts":
 		c.validateSTS(cr, add)
 		checkKeys(cr, add)
-	case "vault_kv", "vault_dynamic", "oauth2", "github_app":
+	case "vault_kv", "vault_dynamic":
+		c.validateVaultSource(cr, add)
+		checkKeys(cr, add)
+	case "oauth2", "github_app":
 		add(fmt.Sprintf("source %q %s", cr.Source, notInThisBuild), "source")
 	case "":
 		add("source is required")
@@ -377,14 +378,20 @@ func (c *Config) validateSPIFFE(i int, a Attestor) Problems {
 // are only ever written as a SigV4 signature, and a signature needs keys.
 func injectorFits(kind, name string, cr Credential) string {
 	aws := cr.Source == "aws_sts"
-	if cr.Source == "static" {
+	switch cr.Source {
+	case "static":
 		_, id := cr.Values[broker.FieldAccessKeyID]
 		_, secret := cr.Values[broker.FieldSecretAccessKey]
+		aws = id && secret
+	case "vault_kv", "vault_dynamic":
+		// aws/creds/ROLE (or a KV secret) mapped onto the AWS fields.
+		_, id := cr.Fields[broker.FieldAccessKeyID]
+		_, secret := cr.Fields[broker.FieldSecretAccessKey]
 		aws = id && secret
 	}
 	switch {
 	case kind == "sigv4" && !aws:
-		return fmt.Sprintf("as: sigv4 needs AWS keys, but credential %q (%s) has none (use aws_sts, or static values access_key_id and secret_access_key)", name, cr.Source)
+		return fmt.Sprintf("as: sigv4 needs AWS keys, but credential %q (%s) has none (use aws_sts, or static values or vault fields access_key_id and secret_access_key)", name, cr.Source)
 	case kind != "sigv4" && kind != "" && cr.Source == "aws_sts":
 		return fmt.Sprintf("credential %q is aws_sts: AWS keys are injected only as a signature (as: sigv4), never as %s", name, kind)
 	}

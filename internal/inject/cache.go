@@ -46,6 +46,29 @@ type CacheOptions struct {
 	// FetchTimeout bounds one shared source call (see NewCache).
 	// 0 or negative means DefaultFetchTimeout (30s).
 	FetchTimeout time.Duration
+	// ShareLeases makes the cache store and share credentials that have a
+	// Release (Vault leases) like any other credential. The cache then owns
+	// the source's Release: every caller receives a Release that only ends
+	// its own use, and the source's Release runs exactly once, when the
+	// entry has left the cache (expiry, eviction, replacement, Close) and
+	// the last caller holding it has called its Release. Without
+	// ShareLeases such credentials are one-shot (see NewCache).
+	ShareLeases bool
+	// Renew, with ShareLeases, extends a stored lease in place and returns
+	// its new expiry. A hit that finds a lease past half of its current
+	// lifetime, and whose expiry (minus Margin) would end the entry before
+	// its TTL does, starts one background Renew; the hit itself is served
+	// at once. On success the entry lives until min(stored+TTL,
+	// new expiry-Margin); after an error, or a renewal that does not extend
+	// the lease (max TTL reached), the entry is not renewed again and ends
+	// as it would have.
+	Renew func(ctx context.Context, c broker.Credential) (time.Time, error)
+}
+
+// Closer is implemented by sources that hold something until they are
+// closed: the cache (stored leases) and the Vault connection (its login).
+type Closer interface {
+	Close(ctx context.Context) error
 }
 
 // NewCache wraps src with a per-caller credential cache.
@@ -68,10 +91,16 @@ type CacheOptions struct {
 //     shared: the caller whose call reached the source gets it, and every
 //     other waiter makes its own source call. If that caller gave up, the
 //     lease is released at once.
+//   - With ShareLeases, credentials with Release are cached and shared too,
+//     and their Release runs once they have left the cache and are no
+//     longer used (see CacheOptions.ShareLeases and Renew).
 //   - Every caller gets its own copy of Fields and Meta.
 //
 // With TTL <= 0 the returned Source calls src every time and only adds
-// metrics and the expiry check.
+// metrics and the expiry check. The returned Source implements Closer:
+// Close empties the cache, releases every stored lease (waiting until ctx
+// ends for leases still in use, then releasing them anyway) and turns the
+// cache into a pass-through.
 func NewCache(name string, src broker.Source, o CacheOptions) broker.Source {
 	if o.Clock == nil {
 		o.Clock = broker.SystemClock{}
@@ -94,12 +123,15 @@ func NewCache(name string, src broker.Source, o CacheOptions) broker.Source {
 		return &passthrough{f: f}
 	}
 	return &cache{
-		f:       f,
-		ttl:     o.TTL,
-		margin:  o.Margin,
-		max:     o.MaxEntries,
-		entries: make(map[string]*list.Element),
-		order:   list.New(),
+		f:        f,
+		ttl:      o.TTL,
+		margin:   o.Margin,
+		max:      o.MaxEntries,
+		share:    o.ShareLeases,
+		renew:    o.Renew,
+		entries:  make(map[string]*list.Element),
+		order:    list.New(),
+		draining: make(map[*entry]struct{}),
 	}
 }
 
@@ -162,29 +194,49 @@ func (p *passthrough) Credential(ctx context.Context, id broker.Identity, g brok
 	return c, nil
 }
 
+// Close implements Closer; "cache: none" holds nothing.
+func (p *passthrough) Close(context.Context) error { return nil }
+
 type cache struct {
 	f      fetcher
 	ttl    time.Duration
 	margin time.Duration
 	max    int
+	share  bool
+	renew  func(ctx context.Context, c broker.Credential) (time.Time, error)
 	sf     singleflight.Group
 
-	mu      sync.Mutex
-	entries map[string]*list.Element // of *entry
-	order   *list.List               // insertion order, oldest first
+	mu       sync.Mutex
+	entries  map[string]*list.Element // of *entry
+	order    *list.List               // insertion order, oldest first
+	closed   bool
+	draining map[*entry]struct{} // leases out of the cache, still in use
+	drained  chan struct{}       // closed when draining empties during Close
+	bg       sync.WaitGroup      // releases and renewals running; Add under mu
 }
 
 type entry struct {
 	key   string
 	cred  broker.Credential // private copy; Release is always nil
 	until time.Time
+
+	// Shared leases only (release != nil).
+	release   func(context.Context) // the source's Release; run exactly once
+	ttlEnd    time.Time             // stored+TTL: renewals never extend past it
+	renewedAt time.Time             // start of the lease's current lifetime
+	refs      int                   // callers holding the credential
+	evicted   bool                  // out of entries (maybe still in use)
+	released  bool                  // release has been started
+	renewing  bool
+	noRenew   bool // a renewal failed or did not extend the lease
 }
 
 // flight is what one singleflight call shares with its waiters.
 type flight struct {
 	cred    broker.Credential
-	hit     bool // found in the cache by the re-check
-	private bool // has Release: handed to the caller whose call ran, in its handoff
+	ent     *entry // a shared lease: each waiter takes its own hold
+	hit     bool   // found in the cache by the re-check
+	private bool   // has Release: handed to the caller whose call ran, in its handoff
 }
 
 // handoff carries a one-shot credential from the source call to the one
@@ -198,7 +250,7 @@ type handoff struct {
 
 func (c *cache) Credential(ctx context.Context, id broker.Identity, g broker.Grant) (broker.Credential, error) {
 	key := cacheKey(id, g)
-	if cred, ok := c.lookup(key, c.f.clock.Now()); ok {
+	if cred, _, ok := c.lookup(key, c.f.clock.Now(), true); ok {
 		c.f.metrics.count(c.f.name, ResultCacheHit)
 		return cred, nil
 	}
@@ -209,14 +261,21 @@ func (c *cache) Credential(ctx context.Context, id broker.Identity, g broker.Gra
 		h.mu.Unlock()
 		// A flight that ended between our lookup and DoChan may have filled
 		// the entry already.
-		if cred, ok := c.lookup(key, c.f.clock.Now()); ok {
-			return flight{cred: cred, hit: true}, nil
+		if cred, e, ok := c.lookup(key, c.f.clock.Now(), false); ok {
+			return flight{cred: cred, ent: e, hit: true}, nil
 		}
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.f.timeout)
 		defer cancel()
 		cred, err := c.f.fetch(fctx, id, g)
 		if err != nil {
 			return nil, err
+		}
+		if cred.Release != nil && c.share {
+			if e := c.store(key, cred, c.f.clock.Now()); e != nil {
+				cred.Release = nil
+				return flight{cred: cred, ent: e}, nil
+			}
+			// Not stored (inside its margin, or the cache is closed): one-shot.
 		}
 		if cred.Release != nil {
 			h.mu.Lock()
@@ -262,71 +321,284 @@ func (c *cache) Credential(ctx context.Context, id broker.Identity, g broker.Gra
 				return *mine, nil
 			}
 			// Someone else's one-shot lease: get our own.
-			cred, err := c.f.fetch(ctx, id, g)
-			if err != nil {
-				c.f.metrics.count(c.f.name, ResultError)
-				return broker.Credential{}, err
-			}
-			c.f.metrics.count(c.f.name, ResultOK)
-			return cred, nil
+			return c.own(ctx, id, g)
 		}
 		if fl.cred.Expired(c.f.clock.Now()) {
 			c.f.metrics.count(c.f.name, ResultError)
 			return broker.Credential{}, fmt.Errorf("inject: credential %q: %w", c.f.name, ErrExpired)
+		}
+		out := cloneCred(fl.cred)
+		if fl.ent != nil {
+			rel, ok := c.acquire(fl.ent)
+			if !ok {
+				// The shared lease left the cache before we took it.
+				return c.own(ctx, id, g)
+			}
+			out.Release = rel
 		}
 		if ran && !fl.hit {
 			c.f.metrics.count(c.f.name, ResultOK)
 		} else {
 			c.f.metrics.count(c.f.name, ResultCacheHit)
 		}
-		return cloneCred(fl.cred), nil
+		return out, nil
 	}
 }
 
-// lookup returns a copy of a live entry, dropping it if it is stale.
-func (c *cache) lookup(key string, now time.Time) (broker.Credential, bool) {
+// own makes this caller's own source call; a lease it returns is one-shot.
+func (c *cache) own(ctx context.Context, id broker.Identity, g broker.Grant) (broker.Credential, error) {
+	cred, err := c.f.fetch(ctx, id, g)
+	if err != nil {
+		c.f.metrics.count(c.f.name, ResultError)
+		return broker.Credential{}, err
+	}
+	c.f.metrics.count(c.f.name, ResultOK)
+	return cred, nil
+}
+
+// lookup returns a copy of a live entry, dropping it if it is stale. For a
+// shared lease, hold takes a hold for the caller (the copy's Release ends
+// it) and may start a renewal; without hold the entry is returned for
+// acquire.
+func (c *cache) lookup(key string, now time.Time, hold bool) (broker.Credential, *entry, bool) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	el, ok := c.entries[key]
 	if !ok {
-		return broker.Credential{}, false
+		c.mu.Unlock()
+		return broker.Credential{}, nil, false
 	}
 	e := el.Value.(*entry)
 	if !now.Before(e.until) || e.cred.Expired(now) {
-		c.order.Remove(el)
-		delete(c.entries, key)
-		return broker.Credential{}, false
+		done := c.evictLocked(el)
+		c.mu.Unlock()
+		c.dispose(done)
+		return broker.Credential{}, nil, false
 	}
-	return cloneCred(e.cred), true
+	cred := cloneCred(e.cred)
+	if e.release == nil {
+		c.mu.Unlock()
+		return cred, nil, true
+	}
+	if !hold {
+		c.mu.Unlock()
+		return cred, e, true
+	}
+	cred.Release = c.holdLocked(e)
+	renew := c.renew != nil && !e.renewing && !e.noRenew && c.wantsRenewal(e, now)
+	if renew {
+		e.renewing = true
+		c.bg.Add(1)
+	}
+	c.mu.Unlock()
+	if renew {
+		go c.renewEntry(e, cloneCred(cred))
+	}
+	return cred, nil, true
 }
 
-// store keeps a private copy of cred until min(now+TTL, Expires-Margin).
-// A credential already inside its margin is not stored (but still used by
-// the callers of this flight, since it has not expired).
-func (c *cache) store(key string, cred broker.Credential, now time.Time) {
+// wantsRenewal: past half of the lease's current lifetime, and the lease
+// (not the TTL) is what would end the entry.
+func (c *cache) wantsRenewal(e *entry, now time.Time) bool {
+	exp := e.cred.Expires
+	if exp.IsZero() || !exp.Add(-c.margin).Before(e.ttlEnd) {
+		return false
+	}
+	return now.Sub(e.renewedAt) >= exp.Sub(e.renewedAt)/2
+}
+
+func (c *cache) renewEntry(e *entry, cred broker.Credential) {
+	defer c.bg.Done()
+	cred.Release = nil
+	ctx, cancel := context.WithTimeout(context.Background(), c.f.timeout)
+	exp, err := c.renew(ctx, cred)
+	cancel()
+	now := c.f.clock.Now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e.renewing = false
+	if err != nil || !exp.After(e.cred.Expires) {
+		e.noRenew = true
+		return
+	}
+	e.cred.Expires = exp
+	e.renewedAt = now
+	e.until = e.ttlEnd
+	if x := exp.Add(-c.margin); x.Before(e.until) {
+		e.until = x
+	}
+}
+
+// acquire takes a hold on a shared lease unless it was already released.
+func (c *cache) acquire(e *entry) (func(context.Context), bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e.released {
+		return nil, false
+	}
+	return c.holdLocked(e), true
+}
+
+// holdLocked counts one more user of e and returns the Release that ends
+// that use (idempotent).
+func (c *cache) holdLocked(e *entry) func(context.Context) {
+	e.refs++
+	var once sync.Once
+	return func(context.Context) { once.Do(func() { c.unhold(e) }) }
+}
+
+func (c *cache) unhold(e *entry) {
+	c.mu.Lock()
+	e.refs--
+	var done *entry
+	if e.evicted && e.refs == 0 && !e.released {
+		done = c.releaseLocked(e)
+	}
+	c.mu.Unlock()
+	c.dispose(done)
+}
+
+// evictLocked removes an entry from the cache; a lease nobody holds is
+// returned for dispose.
+func (c *cache) evictLocked(el *list.Element) *entry {
+	e := el.Value.(*entry)
+	c.order.Remove(el)
+	delete(c.entries, e.key)
+	return c.retireLocked(e)
+}
+
+// retireLocked marks an entry that left the cache (evicted or replaced).
+func (c *cache) retireLocked(e *entry) *entry {
+	if e.release == nil {
+		return nil
+	}
+	e.evicted = true
+	if e.refs > 0 {
+		c.draining[e] = struct{}{}
+		return nil
+	}
+	return c.releaseLocked(e)
+}
+
+func (c *cache) releaseLocked(e *entry) *entry {
+	e.released = true
+	// Add before Close can wake up and Wait.
+	c.bg.Add(1)
+	delete(c.draining, e)
+	if c.drained != nil && len(c.draining) == 0 {
+		close(c.drained)
+		c.drained = nil
+	}
+	return e
+}
+
+// dispose runs a lease's Release in the background (no request waits for
+// a revocation), bounded by FetchTimeout.
+func (c *cache) dispose(e *entry) {
+	if e == nil {
+		return
+	}
+	go func() {
+		defer c.bg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), c.f.timeout)
+		defer cancel()
+		e.release(ctx)
+	}()
+}
+
+// store keeps a private copy of cred until min(now+TTL, Expires-Margin)
+// and returns its entry. A credential already inside its margin is not
+// stored (but still used by the callers of this flight, since it has not
+// expired), nor is anything once the cache is closed.
+func (c *cache) store(key string, cred broker.Credential, now time.Time) *entry {
 	until := now.Add(c.ttl)
+	ttlEnd := until
 	if !cred.Expires.IsZero() {
 		if x := cred.Expires.Add(-c.margin); x.Before(until) {
 			until = x
 		}
 	}
 	if !now.Before(until) {
-		return
+		return nil
 	}
 	e := &entry{key: key, cred: cloneCred(cred), until: until}
+	if cred.Release != nil {
+		e.release, e.ttlEnd, e.renewedAt = cred.Release, ttlEnd, now
+		e.cred.Release = nil
+	}
+	var out []*entry
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
 	if el, ok := c.entries[key]; ok {
+		out = append(out, c.retireLocked(el.Value.(*entry)))
 		el.Value = e
 		c.order.MoveToBack(el)
-		return
+	} else {
+		for c.order.Len() >= c.max {
+			out = append(out, c.evictLocked(c.order.Front()))
+		}
+		c.entries[key] = c.order.PushBack(e)
 	}
-	for c.order.Len() >= c.max {
-		oldest := c.order.Front()
-		c.order.Remove(oldest)
-		delete(c.entries, oldest.Value.(*entry).key)
+	c.mu.Unlock()
+	for _, o := range out {
+		c.dispose(o)
 	}
-	c.entries[key] = c.order.PushBack(e)
+	return e
+}
+
+// Close implements Closer: it empties the cache, releases every stored
+// lease nobody holds, waits until ctx ends for the leases still in use and
+// then releases those too, and waits for the releases it started. Later
+// calls pass through to the source without storing anything.
+func (c *cache) Close(ctx context.Context) error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	var out []*entry
+	for c.order.Len() > 0 {
+		out = append(out, c.evictLocked(c.order.Front()))
+	}
+	var wait chan struct{}
+	if len(c.draining) > 0 {
+		wait = make(chan struct{})
+		c.drained = wait
+	}
+	c.mu.Unlock()
+	for _, e := range out {
+		c.dispose(e)
+	}
+	var err error
+	if wait != nil {
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			err = ctx.Err()
+			c.mu.Lock()
+			var forced []*entry
+			for e := range c.draining {
+				forced = append(forced, c.releaseLocked(e))
+			}
+			c.mu.Unlock()
+			for _, e := range forced {
+				c.dispose(e)
+			}
+		}
+	}
+	done := make(chan struct{})
+	go func() { c.bg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		if err == nil {
+			err = ctx.Err()
+		}
+	}
+	return err
 }
 
 // cloneCred copies the maps so no caller can change another's view.

@@ -831,3 +831,287 @@ func BenchmarkCacheHit(b *testing.B) {
 		})
 	})
 }
+
+// leasing mints a leased token per call ("<id>#<n>", expiring life after
+// now) whose Release counts revocations per token.
+type leasing struct {
+	*srcFunc
+	mu       sync.Mutex
+	released map[string]int
+}
+
+func newLeasing(clock broker.Clock, life time.Duration) *leasing {
+	l := &leasing{released: map[string]int{}}
+	l.srcFunc = &srcFunc{fn: func(_ context.Context, id broker.Identity, _ broker.Grant, n int64) (broker.Credential, error) {
+		tok := fmt.Sprintf("%s#%d", id.ID, n)
+		return broker.Credential{Kind: "lease", Fields: map[string]broker.Secret{"token": broker.NewSecret(tok)},
+			Expires: clock.Now().Add(life), Meta: map[string]string{"lease": tok},
+			Release: func(context.Context) {
+				l.mu.Lock()
+				l.released[tok]++
+				l.mu.Unlock()
+			}}, nil
+	}}
+	return l
+}
+
+func (l *leasing) count(tok string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.released[tok]
+}
+
+func (l *leasing) total() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, v := range l.released {
+		n += v
+	}
+	return n
+}
+
+// leaseEventually polls cond for up to 2s (releases run in the background).
+func leaseEventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// leaseSettles checks that cond stays true for a moment (nothing more is
+// released).
+func leaseSettles(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for i := 0; i < 50; i++ {
+		if !cond() {
+			t.Fatalf("%s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// ShareLeases: a leased credential is cached and shared; its Release runs
+// exactly once, when it has left the cache and its last user is done.
+func TestCacheSharedLeases(t *testing.T) {
+	const life = 10 * time.Second
+	opts := func(clock broker.Clock) CacheOptions {
+		return CacheOptions{TTL: time.Hour, Margin: time.Second, Clock: clock, ShareLeases: true}
+	}
+
+	t.Run("shared, released once after expiry", func(t *testing.T) {
+		clock := newFakeClock()
+		src := newLeasing(clock, life)
+		c := NewCache("c1", src, opts(clock))
+		var wg sync.WaitGroup
+		creds := make(chan broker.Credential, 20)
+		for i := 0; i < 20; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				cr, err := c.Credential(context.Background(), idA, grant)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				creds <- cr
+			}()
+		}
+		wg.Wait()
+		close(creds)
+		for cr := range creds {
+			if token(t, cr) != idA.ID+"#1" || cr.Release == nil {
+				t.Fatalf("got %s, release %v", token(t, cr), cr.Release != nil)
+			}
+			cr.Release(context.Background())
+			cr.Release(context.Background())
+		}
+		if n := src.calls.Load(); n != 1 {
+			t.Fatalf("%d source calls", n)
+		}
+		leaseSettles(t, "released while cached", func() bool { return src.total() == 0 })
+		clock.Advance(life - time.Second) // the margin
+		cr, err := c.Credential(context.Background(), idA, grant)
+		if err != nil || token(t, cr) != idA.ID+"#2" {
+			t.Fatalf("after expiry: %v", err)
+		}
+		leaseEventually(t, "the expired lease's release", func() bool { return src.count(idA.ID+"#1") == 1 })
+		leaseSettles(t, "released twice", func() bool { return src.total() == 1 })
+	})
+
+	t.Run("evicted while in use: released after the last user", func(t *testing.T) {
+		clock := newFakeClock()
+		src := newLeasing(clock, life)
+		c := NewCache("c1", src, opts(clock))
+		held, _ := c.Credential(context.Background(), idA, grant)
+		clock.Advance(life)
+		if cr, _ := c.Credential(context.Background(), idA, grant); token(t, cr) != idA.ID+"#2" {
+			t.Fatal("not replaced")
+		}
+		leaseSettles(t, "released while still in use", func() bool { return src.count(idA.ID+"#1") == 0 })
+		held.Release(context.Background())
+		leaseEventually(t, "release after the last user", func() bool { return src.count(idA.ID+"#1") == 1 })
+		held.Release(context.Background())
+		leaseSettles(t, "released twice", func() bool { return src.count(idA.ID+"#1") == 1 })
+	})
+
+	t.Run("per identity (T-B7) and LRU eviction", func(t *testing.T) {
+		clock := newFakeClock()
+		src := newLeasing(clock, life)
+		o := opts(clock)
+		o.MaxEntries = 1
+		c := NewCache("c1", src, o)
+		a, _ := c.Credential(context.Background(), idA, grant)
+		a.Release(context.Background())
+		b, _ := c.Credential(context.Background(), idB, grant)
+		if token(t, a) == token(t, b) || !strings.HasPrefix(token(t, b), idB.ID) {
+			t.Fatalf("A got %s, B got %s", token(t, a), token(t, b))
+		}
+		leaseEventually(t, "the evicted lease's release", func() bool { return src.count(token(t, a)) == 1 })
+		b.Release(context.Background())
+		leaseSettles(t, "B released while cached", func() bool { return src.count(token(t, b)) == 0 })
+	})
+
+	t.Run("Close releases idle leases and waits for busy ones", func(t *testing.T) {
+		clock := newFakeClock()
+		src := newLeasing(clock, life)
+		c := NewCache("c1", src, opts(clock))
+		idle, _ := c.Credential(context.Background(), idA, grant)
+		idle.Release(context.Background())
+		busy, _ := c.Credential(context.Background(), idB, grant)
+		done := make(chan error, 1)
+		go func() { done <- c.(Closer).Close(context.Background()) }()
+		leaseEventually(t, "the idle lease's release", func() bool { return src.count(token(t, idle)) == 1 })
+		select {
+		case err := <-done:
+			t.Fatalf("Close returned (%v) while a lease is in use", err)
+		case <-time.After(20 * time.Millisecond):
+		}
+		busy.Release(context.Background())
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if src.count(token(t, busy)) != 1 || src.total() != 2 {
+			t.Fatalf("released %v", src.released)
+		}
+		// Closed: calls pass through, and a lease is one-shot again.
+		cr, err := c.Credential(context.Background(), idA, grant)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cr.Release(context.Background())
+		if src.count(token(t, cr)) != 1 {
+			t.Fatal("a lease fetched after Close was not handed over one-shot")
+		}
+		if err := c.(Closer).Close(context.Background()); err != nil {
+			t.Fatalf("second Close: %v", err)
+		}
+	})
+
+	t.Run("Close deadline releases busy leases anyway", func(t *testing.T) {
+		clock := newFakeClock()
+		src := newLeasing(clock, life)
+		c := NewCache("c1", src, opts(clock))
+		busy, _ := c.Credential(context.Background(), idA, grant)
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		defer cancel()
+		if err := c.(Closer).Close(ctx); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Close: %v", err)
+		}
+		leaseEventually(t, "the forced release", func() bool { return src.count(token(t, busy)) == 1 })
+		busy.Release(context.Background())
+		leaseSettles(t, "released twice", func() bool { return src.count(token(t, busy)) == 1 })
+	})
+
+	t.Run("renewed on a hit past half its life", func(t *testing.T) {
+		clock := newFakeClock()
+		src := newLeasing(clock, life)
+		var renews atomic.Int64
+		o := opts(clock)
+		o.Renew = func(_ context.Context, cr broker.Credential) (time.Time, error) {
+			renews.Add(1)
+			if cr.Meta["lease"] == "" || cr.Release != nil {
+				return time.Time{}, errors.New("renew got a bad credential")
+			}
+			return clock.Now().Add(life), nil
+		}
+		c := NewCache("c1", src, o)
+		get := func() broker.Credential {
+			cr, err := c.Credential(context.Background(), idA, grant)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cr.Release(context.Background())
+			return cr
+		}
+		get()
+		clock.Advance(4 * time.Second)
+		get()
+		if renews.Load() != 0 {
+			t.Fatal("renewed before half its life")
+		}
+		clock.Advance(2 * time.Second) // 6s of 10s
+		get()
+		leaseEventually(t, "a renewal", func() bool { return renews.Load() == 1 })
+		clock.Advance(6 * time.Second) // 12s: past the first expiry
+		cr := get()
+		if token(t, cr) != idA.ID+"#1" || src.calls.Load() != 1 {
+			t.Fatalf("got %s after renewal (source calls %d)", token(t, cr), src.calls.Load())
+		}
+		if want := newFakeClock().Now().Add(16 * time.Second); !cr.Expires.Equal(want) {
+			t.Fatalf("expires %s, want %s", cr.Expires, want)
+		}
+		leaseEventually(t, "the second renewal", func() bool { return renews.Load() == 2 })
+		if src.total() != 0 {
+			t.Fatal("a renewed lease was released")
+		}
+	})
+
+	t.Run("a failed renewal is not retried; the lease ends as before", func(t *testing.T) {
+		clock := newFakeClock()
+		src := newLeasing(clock, life)
+		var renews atomic.Int64
+		o := opts(clock)
+		o.Renew = func(context.Context, broker.Credential) (time.Time, error) {
+			renews.Add(1)
+			return time.Time{}, errors.New("vault down")
+		}
+		c := NewCache("c1", src, o)
+		first, _ := c.Credential(context.Background(), idA, grant)
+		first.Release(context.Background())
+		clock.Advance(6 * time.Second)
+		for i := 0; i < 5; i++ {
+			cr, _ := c.Credential(context.Background(), idA, grant)
+			cr.Release(context.Background())
+			leaseEventually(t, "the renewal attempt", func() bool { return renews.Load() == 1 })
+		}
+		clock.Advance(3 * time.Second) // 9s: inside the margin
+		cr, _ := c.Credential(context.Background(), idA, grant)
+		if token(t, cr) != idA.ID+"#2" {
+			t.Fatal("the unrenewed lease was served past its margin")
+		}
+		leaseEventually(t, "the old lease's release", func() bool { return src.count(idA.ID+"#1") == 1 })
+	})
+
+	t.Run("no renewal when the TTL ends first", func(t *testing.T) {
+		clock := newFakeClock()
+		src := newLeasing(clock, life)
+		o := opts(clock)
+		o.TTL = 5 * time.Second
+		o.Renew = func(context.Context, broker.Credential) (time.Time, error) {
+			t.Error("renewed a lease the TTL ends first")
+			return time.Time{}, nil
+		}
+		c := NewCache("c1", src, o)
+		for i := 0; i < 4; i++ {
+			cr, _ := c.Credential(context.Background(), idA, grant)
+			cr.Release(context.Background())
+			clock.Advance(time.Second + 500*time.Millisecond)
+		}
+		leaseSettles(t, "", func() bool { return true })
+	})
+}

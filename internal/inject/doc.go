@@ -1,7 +1,8 @@
 // Package inject turns config into credentials and writes them into
 // requests: secret references (ResolveRef), credential sources (NewStatic,
-// NewSTS; vault_kv, vault_dynamic, oauth2 and github_app follow the same
-// broker.Source contract), the caching decorator (NewCache), the
+// NewSTS, NewVaultKV and NewVaultDynamic on a NewVault connection; oauth2
+// and github_app will follow the same broker.Source contract), the caching
+// decorator (NewCache), the
 // per-request parameter decorator (WithParams) and the injectors (Bearer,
 // Basic, Header, Query, SigV4).
 //
@@ -93,7 +94,17 @@
 // callers that waited for it but not stored. Errors are never cached.
 // Credentials with a Release function (one-shot leases) are never cached
 // or shared: exactly one caller receives each, and a lease whose caller has
-// gone is released at once.
+// gone is released at once. The exception is CacheOptions.ShareLeases
+// (vault_dynamic with a cache): the cache then owns the lease, every caller
+// gets a Release that only ends its own use, the lease is renewed while
+// used (Renew) and its own Release runs exactly once, after it has left the
+// cache and its last user is done. Close releases every stored lease.
+//
+// Vault (vault.go) never follows a redirect, never uses a proxy, ignores
+// VAULT_* unless told otherwise, and summarises every failure in a fixed
+// vocabulary: Vault's error bodies can quote the request and are never
+// passed on. Path templates (ParseVaultPath) substitute only values of
+// [A-Za-z0-9._@+=-] without "..", so a claim cannot walk the path.
 //
 // Concurrent misses for one key make one source call (singleflight). That
 // call runs on context.WithoutCancel of the first caller's context, bounded
