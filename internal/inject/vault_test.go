@@ -798,3 +798,43 @@ func TestVaultTLS(t *testing.T) {
 		}
 	})
 }
+
+// The jwt login against Vault configured with a local OIDC issuer's
+// discovery document (oidc_discovery_url), as a CI platform or a cluster
+// issuer would be: Vault fetches the issuer's keys itself.
+func TestVaultJWTLoginOIDCDiscovery(t *testing.T) {
+	l := newVaultLab(t)
+	c := canary(t)
+	l.put(t, "app/key", map[string]any{"api_key": c})
+	l.Must("PUT", "sys/policies/acl/kv-read", map[string]any{"policy": kvReadPolicy})
+	is := newOIDCIssuer(t)
+	l.Must("POST", "sys/auth/jwt-oidc", map[string]any{"type": "jwt"})
+	l.Must("POST", "auth/jwt-oidc/config", map[string]any{"oidc_discovery_url": is.srv.URL, "bound_issuer": is.srv.URL})
+	l.Must("POST", "auth/jwt-oidc/role/broker", map[string]any{
+		"role_type": "jwt", "bound_audiences": []string{"vault"}, "user_claim": "sub",
+		"bound_subject": "system:serviceaccount:keygate:broker", "token_policies": []string{"kv-read"}, "token_ttl": "1h",
+	})
+	now := time.Now()
+	tok := is.mint(t, map[string]any{"iss": is.srv.URL, "sub": "system:serviceaccount:keygate:broker", "aud": "vault",
+		"iat": now.Unix(), "exp": now.Add(5 * time.Minute).Unix()})
+	v, vc := l.conn(t, VaultOptions{Auth: VaultAuth{Method: VaultAuthJWT, Mount: "jwt-oidc", Role: "broker",
+		Token: FileToken(l.file(t, "oidc.jwt", tok))}})
+	cr, err := kvSource(t, v, VaultKVOptions{Path: "secret/data/app/key", Field: "api_key"}).Credential(context.Background(), vaultCaller, broker.Grant{})
+	if err != nil {
+		t.Fatalf("read after an OIDC-discovery jwt login: %v", err)
+	}
+	if got, _ := cr.Field(broker.FieldToken); got.Reveal() != c {
+		t.Fatal("wrong value")
+	}
+	if n := vc.count("PUT /v1/auth/jwt-oidc/login"); n != 1 {
+		t.Fatalf("%d logins, want 1", n)
+	}
+	// A token from another issuer's key is refused by Vault.
+	forged := newOIDCIssuer(t).mint(t, map[string]any{"iss": is.srv.URL, "sub": "system:serviceaccount:keygate:broker",
+		"aud": "vault", "iat": now.Unix(), "exp": now.Add(5 * time.Minute).Unix()})
+	v2, _ := l.conn(t, VaultOptions{Auth: VaultAuth{Method: VaultAuthJWT, Mount: "jwt-oidc", Role: "broker",
+		Token: FileToken(l.file(t, "forged.jwt", forged))}})
+	_, err = kvSource(t, v2, VaultKVOptions{Path: "secret/data/app/key", Field: "api_key"}).Credential(context.Background(), vaultCaller, broker.Grant{})
+	vaultErrCode(t, err, broker.CodeCredentialUnavailable)
+	assertNoCanary(t, forged, err)
+}
