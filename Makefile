@@ -17,6 +17,7 @@ build:
 test: deps lint ## everything CI runs
 	$(GO) run ./cmd/broker test configs/tests/*.yaml
 	$(GO) test -race -count=1 $(PKGS)
+	cd deploy/kubernetes && $(GO) test -count=1 ./...
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

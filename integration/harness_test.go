@@ -258,6 +258,10 @@ type brokerSpec struct {
 	config string   // text/template over configData
 	env    []string // extra environment (credential variables)
 	args   []string // extra `broker run` arguments
+	// command, when set, is run instead of the broker binary (a wrapper
+	// such as `ip netns exec NS setpriv ... BROKER run ...`); args are
+	// then ignored by launch.
+	command []string
 }
 
 // start renders the config with fresh free ports, starts `broker run
@@ -314,7 +318,11 @@ func (h *harness) launch(spec brokerSpec, args []string, proxy, admin string, en
 	t := h.t
 	t.Helper()
 	b := &brokerProc{name: spec.name, proxyAddr: proxy, adminAddr: admin, done: make(chan struct{})}
-	b.cmd = exec.Command(brokerBin, args...)
+	if len(spec.command) > 0 {
+		b.cmd = exec.Command(spec.command[0], spec.command[1:]...)
+	} else {
+		b.cmd = exec.Command(brokerBin, args...)
+	}
 	b.cmd.Env = append(append(cleanEnv(h.dir), spec.env...), env...)
 	b.cmd.Stdout = multiWriter{&b.combined, &b.stdout}
 	b.cmd.Stderr = &b.combined

@@ -13,6 +13,7 @@ command -v iptables >/dev/null || need+=(iptables)
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v shellcheck >/dev/null || need+=(shellcheck)   # lints deploy/keygate-iptables
 # SPIRE server + agent for the SPIFFE integration tests: built once from the
 # Go module proxy into a version-keyed cache (scripts/spire.sh; ~8 min cold).
 # MinIO (STS + SigV4-verifying S3) and Vault likewise (scripts/minio.sh,
