@@ -132,14 +132,22 @@ func (p *Proxy) serveTLS(client net.Conn, br *bufio.Reader, x *exchange, host st
 	}
 	_ = client.SetReadDeadline(time.Time{})
 
+	p.serveConn(tc, p.innerHandler(x, host, port))
+}
+
+// serveConn serves the requests of one workload connection (inside a
+// tunnel, or a redirected one) with its own net/http server, so header
+// limits, timeouts, keep-alive and panic containment apply as at the front
+// door, and Shutdown can drain it. It returns when the connection ends.
+func (p *Proxy) serveConn(c net.Conn, h http.Handler) {
 	srv := &http.Server{
-		Handler:           p.innerHandler(x, host, port),
+		Handler:           h,
 		ReadHeaderTimeout: p.limits.ReadHeaderTimeout,
 		IdleTimeout:       p.limits.IdleTimeout,
 		MaxHeaderBytes:    p.limits.MaxHeaderBytes,
 		ErrorLog:          httpErrorLog(p.log),
 	}
-	ln := newOneConnListener(tc)
+	ln := newOneConnListener(c)
 	srv.ConnState = ln.connState
 	untrack, ok := p.trackInner(srv, ln)
 	if !ok {

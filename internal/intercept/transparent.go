@@ -172,28 +172,12 @@ func (p *Proxy) serveTransparent(c net.Conn) {
 
 // transparentTLS decides a named TLS connection like a CONNECT.
 func (p *Proxy) transparentTLS(c *peekedConn, br *bufio.Reader, x *exchange, host string, port int) {
-	x.rec.Host, x.rec.Port = host, port
-	if err := p.checkLiteral(host, port); err != nil {
-		x.fail(err)
-		return
-	}
-	t := broker.Target{Phase: broker.PhaseConnect, Protocol: broker.ProtocolHTTPS, Host: host, Port: port}
-	d, err := x.pipe.Decide(context.Background(), x.identity, t)
-	x.rec.Rule = d.Rule
-	if err != nil {
-		x.fail(err)
-		return
-	}
-	switch d.Action {
+	switch p.decideConnect(x, broker.ProtocolHTTPS, host, port) {
 	case broker.Tunnel:
-		x.rec.Decision = broker.AuditTunnel
 		p.spliceTo(context.Background(), c, x, host, port)
 	case broker.Allow:
-		x.rec.Decision = broker.AuditAllow
 		x.rec.Status = http.StatusOK
 		p.serveTLS(c.Conn, br, x, host, port)
-	default:
-		x.fail(broker.NewError(broker.CodeDenied, "no rule allows this connection", nil))
 	}
 }
 
@@ -201,27 +185,40 @@ func (p *Proxy) transparentTLS(c *peekedConn, br *bufio.Reader, x *exchange, hos
 // TCP. Only a tunnel rule for the original address and port lets it pass.
 func (p *Proxy) transparentOpaque(c *peekedConn, x *exchange, orig netip.AddrPort) {
 	host, port := orig.Addr().Unmap().String(), int(orig.Port())
+	switch p.decideConnect(x, x.rec.Protocol, host, port) {
+	case broker.Tunnel:
+		p.spliceTo(context.Background(), c, x, host, port)
+	case broker.Allow:
+		x.rec.Decision = ""
+		x.fail(broker.NewError(broker.CodeDenied, "a connection without a TLS server name can only be tunnelled, never intercepted", nil))
+	}
+}
+
+// decideConnect makes the connect-phase decision for a redirected
+// connection and records it; a denial (returned as broker.Deny) is already
+// recorded as the exchange's error.
+func (p *Proxy) decideConnect(x *exchange, protocol, host string, port int) broker.Action {
 	x.rec.Host, x.rec.Port = host, port
 	if err := p.checkLiteral(host, port); err != nil {
 		x.fail(err)
-		return
+		return broker.Deny
 	}
-	t := broker.Target{Phase: broker.PhaseConnect, Protocol: x.rec.Protocol, Host: host, Port: port}
+	t := broker.Target{Phase: broker.PhaseConnect, Protocol: protocol, Host: host, Port: port}
 	d, err := x.pipe.Decide(context.Background(), x.identity, t)
 	x.rec.Rule = d.Rule
 	if err != nil {
 		x.fail(err)
-		return
+		return broker.Deny
 	}
 	switch d.Action {
 	case broker.Tunnel:
 		x.rec.Decision = broker.AuditTunnel
-		p.spliceTo(context.Background(), c, x, host, port)
 	case broker.Allow:
-		x.fail(broker.NewError(broker.CodeDenied, "a connection without a TLS server name can only be tunnelled, never intercepted", nil))
+		x.rec.Decision = broker.AuditAllow
 	default:
 		x.fail(broker.NewError(broker.CodeDenied, "no rule allows this connection", nil))
 	}
+	return d.Action
 }
 
 // transparentHTTP serves plain HTTP requests, each decided on its Host and
@@ -230,54 +227,39 @@ func (p *Proxy) transparentHTTP(c *peekedConn, conn *exchange, orig netip.AddrPo
 	conn.rec.Decision = broker.AuditAllow
 	conn.rec.Status = http.StatusOK
 	port := int(orig.Port())
-	srv := &http.Server{
-		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
-			w := &statusWriter{ResponseWriter: rw}
-			x := p.newExchange(ListenerTransparent)
-			x.setIdentity(conn.identity)
-			x.rec.Protocol, x.rec.Method, x.rec.Path = broker.ProtocolHTTP, r.Method, r.URL.Path
-			defer p.finish(x)
-			defer p.recoverPanic(w, x)
-			if err := checkInbound(r); err != nil {
-				writeError(w, x.fail(err), x.rec.RequestID)
-				return
-			}
-			if r.Method == http.MethodConnect || r.URL.IsAbs() {
-				writeError(w, x.fail(broker.NewError(broker.CodeBadRequest, "a redirected connection carries origin-form requests only", nil)), x.rec.RequestID)
-				return
-			}
-			host, hp, err := SplitHostPort(r.Host, port)
-			if err != nil || r.Host == "" {
-				writeError(w, x.fail(broker.NewError(broker.CodeBadRequest, "missing or invalid Host header", err)), x.rec.RequestID)
-				return
-			}
-			if hp != port {
-				writeError(w, x.fail(broker.NewError(broker.CodeMisdirected, "the Host port differs from the original destination port", nil)), x.rec.RequestID)
-				return
-			}
-			id, err := p.delegate(r, conn.identity)
-			if err != nil {
-				writeError(w, x.fail(err), x.rec.RequestID)
-				return
-			}
-			x.setIdentity(id)
-			r = r.WithContext(withExchange(r.Context(), x))
-			p.forward(w, r, x, host, port, "http")
-		}),
-		ReadHeaderTimeout: p.limits.ReadHeaderTimeout,
-		IdleTimeout:       p.limits.IdleTimeout,
-		MaxHeaderBytes:    p.limits.MaxHeaderBytes,
-		ErrorLog:          httpErrorLog(p.log),
-	}
-	ln := newOneConnListener(c)
-	srv.ConnState = ln.connState
-	untrack, ok := p.trackInner(srv, ln)
-	if !ok {
-		return
-	}
-	defer untrack()
-	_ = srv.Serve(ln)
-	ln.wait()
+	p.serveConn(c, http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		w := &statusWriter{ResponseWriter: rw}
+		x := p.newExchange(ListenerTransparent)
+		x.setIdentity(conn.identity)
+		x.rec.Protocol, x.rec.Method, x.rec.Path = broker.ProtocolHTTP, r.Method, r.URL.Path
+		defer p.finish(x)
+		defer p.recoverPanic(w, x)
+		if err := checkInbound(r); err != nil {
+			writeError(w, x.fail(err), x.rec.RequestID)
+			return
+		}
+		if r.Method == http.MethodConnect || r.URL.IsAbs() {
+			writeError(w, x.fail(broker.NewError(broker.CodeBadRequest, "a redirected connection carries origin-form requests only", nil)), x.rec.RequestID)
+			return
+		}
+		host, hp, err := SplitHostPort(r.Host, port)
+		if err != nil || r.Host == "" {
+			writeError(w, x.fail(broker.NewError(broker.CodeBadRequest, "missing or invalid Host header", err)), x.rec.RequestID)
+			return
+		}
+		if hp != port {
+			writeError(w, x.fail(broker.NewError(broker.CodeMisdirected, "the Host port differs from the original destination port", nil)), x.rec.RequestID)
+			return
+		}
+		id, err := p.delegate(r, conn.identity)
+		if err != nil {
+			writeError(w, x.fail(err), x.rec.RequestID)
+			return
+		}
+		x.setIdentity(id)
+		r = r.WithContext(withExchange(r.Context(), x))
+		p.forward(w, r, x, host, port, "http")
+	}))
 }
 
 // looksLikeHTTP reports whether the buffered bytes start an HTTP/1 request
