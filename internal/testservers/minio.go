@@ -121,37 +121,16 @@ func (m *MinIO) Start() {
 	if m.cmd != nil {
 		return
 	}
-	logf, err := os.OpenFile(m.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		m.t.Fatal(err)
-	}
 	_, port, _ := net.SplitHostPort(m.Addr)
 	console := freeAddr(m.t)
 	cmd := exec.Command(m.bin, "server", "--quiet", "--address", m.Addr, "--console-address", console,
 		"--certs-dir", m.certDir, m.dataDir)
 	cmd.Env = m.env
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		m.t.Fatalf("starting minio: %v", err)
-	}
-	go func() { _ = cmd.Wait(); logf.Close() }()
+	done := startLogged(m.t, "minio", cmd, m.LogFile)
 	m.cmd = cmd
 	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil,
 		TLSClientConfig: &tls.Config{RootCAs: m.CAPool}}}
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
-		resp, err := client.Get("https://127.0.0.1:" + port + "/minio/health/ready")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	log, _ := os.ReadFile(m.LogFile)
-	m.t.Fatalf("minio did not become ready within 60s; log:\n%s", log)
+	waitHTTP(m.t, "minio", client, "https://127.0.0.1:"+port+"/minio/health/ready", done, m.LogFile)
 }
 
 // Stop kills the server (data is kept for Start).

@@ -35,7 +35,7 @@ type Vault struct {
 	home string
 	mu   sync.Mutex
 	cmd  *exec.Cmd
-	done chan struct{}
+	done <-chan struct{}
 }
 
 // StartVault starts a dev-mode Vault and stops it when the test ends.
@@ -65,10 +65,6 @@ func (v *Vault) Start() {
 	if v.cmd != nil {
 		return
 	}
-	logf, err := os.OpenFile(v.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		v.t.Fatal(err)
-	}
 	cmd := exec.Command(v.bin, "server", "-dev",
 		"-dev-listen-address="+v.HostPort,
 		"-dev-root-token-id="+v.RootToken,
@@ -82,33 +78,10 @@ func (v *Vault) Start() {
 		}
 	}
 	cmd.Env = env
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		v.t.Fatalf("starting vault: %v", err)
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
+	done := startLogged(v.t, "vault", cmd, v.LogFile)
 	v.cmd, v.done = cmd, done
 	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil}}
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
-		resp, err := client.Get(v.Addr + "/v1/sys/health")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		select {
-		case <-done:
-			log, _ := os.ReadFile(v.LogFile)
-			v.t.Fatalf("vault exited during start; log:\n%s", log)
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	log, _ := os.ReadFile(v.LogFile)
-	v.t.Fatalf("vault did not become ready within 60s; log:\n%s", log)
+	waitHTTP(v.t, "vault", client, v.Addr+"/v1/sys/health", done, v.LogFile)
 }
 
 // Stop kills the server; dev mode loses all its data.
