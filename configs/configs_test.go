@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -97,6 +98,11 @@ func stage(t *testing.T, name string) string {
 	if c.Egress.CABundle != "" {
 		writeFile(t, resolve(dir, c.Egress.CABundle), read(ca.CertFile), 0o644)
 	}
+	for _, db := range c.Databases {
+		if db.CABundle != "" {
+			writeFile(t, resolve(dir, db.CABundle), read(ca.CertFile), 0o644)
+		}
+	}
 	ref := func(r string) {
 		switch {
 		case strings.HasPrefix(r, "env:"):
@@ -164,6 +170,12 @@ func TestExampleDecisions(t *testing.T) {
 		}
 		return broker.Target{Phase: broker.PhaseRequest, Protocol: proto, Method: method, Host: host, Port: port, Path: path, Headers: headers}
 	}
+	pgSession := func(host, database, user string) broker.Target {
+		return broker.Target{Phase: broker.PhaseRequest, Protocol: broker.ProtocolPostgres, Host: host, Port: 5432, Database: database, User: user}
+	}
+	uid := func(n int) broker.Identity {
+		return broker.Identity{ID: fmt.Sprintf("unix:uid:%d", n), Method: broker.MethodProcess}
+	}
 	connect := func(host string, port int) broker.Target {
 		return broker.Target{Phase: broker.PhaseConnect, Protocol: broker.ProtocolHTTPS, Host: host, Port: port}
 	}
@@ -196,6 +208,14 @@ func TestExampleDecisions(t *testing.T) {
 			{"http on port 80 is not covered", id("billing"), req("http", "GET", "reports.legacy.internal", 80, "/", nil), broker.Deny, "", ""},
 			{"https on 443", id("billing"), req("https", "GET", "reports.legacy.internal", 443, "/", nil), broker.Allow, "reports-https", "basic"},
 			{"no writes", id("billing"), req("http", "POST", "reports.legacy.internal", 8080, "/", nil), broker.Deny, "", ""},
+		},
+		"postgres.yaml": {
+			{"orders-service on orders", uid(1001), pgSession("orders-db.internal.example", "orders", "orders"), broker.Allow, "orders-service", ""},
+			{"orders-service as postgres still decided on the database", uid(1001), pgSession("orders-db.internal.example", "orders", "postgres"), broker.Allow, "orders-service", ""},
+			{"orders-service on another database", uid(1001), pgSession("orders-db.internal.example", "postgres", "orders"), broker.Deny, "", ""},
+			{"another uid on orders", uid(1002), pgSession("orders-db.internal.example", "orders", "orders"), broker.Deny, "", ""},
+			{"reporting job on reports", uid(1002), pgSession("reports-db.internal.example", "reports", "report"), broker.Allow, "reporting-job", ""},
+			{"reporting job on orders", uid(1002), pgSession("orders-db.internal.example", "orders", "report"), broker.Deny, "", ""},
 		},
 		"quickstart.yaml": {
 			{"demo GET", id("local-workload"), req("https", "GET", "localhost", 15443, "/headers", nil), broker.Allow, "demo-echo-read", "bearer"},

@@ -26,6 +26,8 @@ type Record struct {
 	Host        string
 	Port        int
 	Path        string
+	Database    string // database sessions: the database the client asked for
+	DBUser      string // database sessions: the user the client asked for (never the credential's)
 	Rule        string
 	Decision    string
 	CredName    string
@@ -54,6 +56,10 @@ func (r *Record) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddString("host", r.Host)
 	enc.AddInt("port", r.Port)
 	enc.AddString("path", r.Path)
+	if r.Database != "" || r.DBUser != "" {
+		enc.AddString("database", r.Database)
+		enc.AddString("db_user", r.DBUser)
+	}
 	enc.AddString("rule", r.Rule)
 	enc.AddString("decision", r.Decision)
 	enc.AddString("credential.name", r.CredName)

@@ -23,6 +23,10 @@ var credentialKeys = map[string][]string{
 		"session_policy", "session_tags", "web_identity", "timeout"},
 	"vault_kv":      {"vault", "path", "field", "fields", "version", "kv_version"},
 	"vault_dynamic": {"vault", "path", "field", "fields"},
+	"oauth2": {"token_url", "client_id", "client_secret", "auth_method", "private_key",
+		"scopes", "scopes_expr", "audience", "resource", "timeout"},
+	"github_app": {"app_id", "private_key", "api_url", "installation_id", "repositories",
+		"permissions", "timeout"},
 }
 
 // usedKeys lists the YAML keys of cr that are set.

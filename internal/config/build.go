@@ -14,6 +14,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/keygate/broker/internal/attest"
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/dbproxy"
 	"github.com/keygate/broker/internal/inject"
 	"github.com/keygate/broker/internal/intercept"
 	"github.com/keygate/broker/internal/intercept/ca"
@@ -150,6 +152,10 @@ type Runtime struct {
 	AdminAddr       net.Addr // nil when no admin listener
 	CACertPath      string   // where clients find the CA (ephemeral cert_out or ca.cert)
 	DemoURL         string   // the demo echo upstream, when enabled
+	// Databases serve the databases: entries, in file order; DatabaseAddrs
+	// are their listeners' addresses.
+	Databases     []*dbproxy.Server
+	DatabaseAddrs []net.Addr
 
 	log       *zap.Logger
 	proxyLn   net.Listener
@@ -161,6 +167,7 @@ type Runtime struct {
 	proxyTLSLn    net.Listener
 	proxyTLSServe net.Listener
 	transparentLn net.Listener
+	dbLns         []net.Listener
 	// stopAttestors ends attestors' background work (key refreshes).
 	stopAttestors context.CancelFunc
 	// vaults are the Vault connections: Run logs them in, shutdown closes
@@ -237,6 +244,8 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 			readyChecks = append(readyChecks, v.Ready)
 		}
 	}
+	dbRoots, dbps := c.databaseRoots(roots)
+	ps = append(ps, dbps...)
 	if len(ps) > 0 {
 		return nil, sortProblems(ps)
 	}
@@ -275,6 +284,15 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		}
 		rt.TransparentAddr = rt.transparentLn.Addr()
 		self = append(self, addrPort(rt.transparentLn.Addr()))
+	}
+	if rt.dbLns, err = c.listenDatabases(); err != nil {
+		return nil, err
+	}
+	for _, ln := range rt.dbLns {
+		rt.DatabaseAddrs = append(rt.DatabaseAddrs, ln.Addr())
+		if ap := addrPort(ln.Addr()); ap.IsValid() {
+			self = append(self, ap)
+		}
 	}
 
 	dialer := egress.New(egress.Options{
@@ -343,6 +361,11 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		}
 		rt.proxyTLSServe = tls.NewListener(rt.proxyTLSLn, spiffe.ServerTLSConfig())
 	}
+	rt.Databases, err = c.buildDatabases(databaseEnv{pipe: pipe, dialer: dialer, leaves: leaves, roots: dbRoots,
+		metrics: metrics, clock: o.Clock, log: o.Logger})
+	if err != nil {
+		return nil, err
+	}
 	// The CA, rules and secrets are loaded before Build returns; fetched
 	// trust material (OIDC keys) must have arrived at least once.
 	rt.readyFlag = func() bool {
@@ -361,10 +384,13 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 // by attestation (SO_PEERCRED through the process attestor) and rules, not
 // by file permissions. A stale socket file from an earlier run is replaced;
 // any other file at the path is an error.
-func (c *Config) listenProxy() (net.Listener, error) {
-	path, ok := strings.CutPrefix(c.Listen.Proxy, "unix:")
+func (c *Config) listenProxy() (net.Listener, error) { return c.listenOn(c.Listen.Proxy) }
+
+// listenOn opens host:port, or unix:PATH (see listenProxy).
+func (c *Config) listenOn(addr string) (net.Listener, error) {
+	path, ok := strings.CutPrefix(addr, "unix:")
 	if !ok {
-		return net.Listen("tcp", c.Listen.Proxy)
+		return net.Listen("tcp", addr)
 	}
 	path = c.resolvePath(path)
 	if fi, err := os.Lstat(path); err == nil {
@@ -444,6 +470,9 @@ func (c *Config) buildSources(env sourceEnv, vaults map[string]*inject.Vault) (m
 	var ps Problems
 	out := make(map[string]broker.Source, len(c.Credentials))
 	for name, cr := range c.Credentials {
+		if cr.Source == "oauth2" || cr.Source == "github_app" {
+			continue // below, once the credentials their secrets may come from exist
+		}
 		if cr.Source == "vault_kv" || cr.Source == "vault_dynamic" {
 			src, err := c.buildVaultSource(env, vaults, name, cr)
 			if err != nil {
@@ -482,6 +511,7 @@ func (c *Config) buildSources(env sourceEnv, vaults map[string]*inject.Vault) (m
 		ttl, _ := parseCache(cr.Cache)
 		out[name] = inject.NewCache(name, inject.NewStatic(name, fields), inject.CacheOptions{TTL: ttl, Clock: env.clock, Metrics: env.metrics})
 	}
+	ps = append(ps, c.buildTokenSources(env, out)...)
 	return out, ps
 }
 
@@ -633,7 +663,7 @@ func (rt *Runtime) Run(ctx context.Context) error {
 			rt.log.Warn("config changes will not be picked up automatically; send SIGHUP to reload", zap.Error(err))
 		}
 	}
-	errc := make(chan error, 4)
+	errc := make(chan error, 4+len(rt.Databases))
 	for _, v := range rt.vaults {
 		v.Start(ctx) // log in now, so /readyz turns ready before the first request
 	}
@@ -643,6 +673,15 @@ func (rt *Runtime) Run(ctx context.Context) error {
 	}
 	if rt.ProxyTLS != nil {
 		go func() { errc <- rt.ProxyTLS.Serve(rt.proxyTLSServe) }()
+	}
+	for i, db := range rt.Databases {
+		ln := rt.dbLns[i]
+		rt.log.Info("database listener serving", zap.String("listener", db.Listener()), zap.Stringer("addr", ln.Addr()))
+		go func() {
+			if err := db.Serve(ln); err != nil && !errors.Is(err, dbproxy.ErrServerClosed) {
+				errc <- fmt.Errorf("config: %s: %w", db.Listener(), err)
+			}
+		}()
 	}
 	if rt.adminLn != nil {
 		rt.admin = &http.Server{
@@ -668,6 +707,23 @@ func (rt *Runtime) Run(ctx context.Context) error {
 	if rt.transparentLn != nil {
 		_ = rt.transparentLn.Close()
 	}
+	// Database sessions get the same budget as the proxies, in parallel:
+	// open sessions run until sctx ends, then are ended with FATAL 57P01.
+	dbDone := make(chan struct{})
+	go func() {
+		defer close(dbDone)
+		var wg sync.WaitGroup
+		for _, db := range rt.Databases {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if serr := db.Shutdown(sctx); serr != nil {
+					rt.log.Warn("database sessions still open at the shutdown deadline were ended", zap.String("listener", db.Listener()))
+				}
+			}()
+		}
+		wg.Wait()
+	}()
 	if serr := rt.Proxy.Shutdown(sctx); err == nil && serr != nil && !errors.Is(serr, context.DeadlineExceeded) {
 		err = serr
 	}
@@ -676,6 +732,7 @@ func (rt *Runtime) Run(ctx context.Context) error {
 			err = serr
 		}
 	}
+	<-dbDone
 	if rt.demo != nil {
 		rt.demo.close()
 	}
@@ -707,7 +764,7 @@ func (rt *Runtime) closeCredentials(ctx context.Context) {
 }
 
 func (rt *Runtime) closeListeners() {
-	for _, ln := range []net.Listener{rt.proxyLn, rt.adminLn, rt.proxyTLSLn, rt.transparentLn} {
+	for _, ln := range append([]net.Listener{rt.proxyLn, rt.adminLn, rt.proxyTLSLn, rt.transparentLn}, rt.dbLns...) {
 		if ln != nil {
 			_ = ln.Close()
 		}

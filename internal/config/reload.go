@@ -104,6 +104,7 @@ func (rt *Runtime) reloadLocked(st *reloadState) error {
 		{"listen", old.Listen, c.Listen}, {"ca", old.CA, c.CA}, {"egress", old.Egress, c.Egress},
 		{"limits", old.Limits, c.Limits}, {"attestors", old.Attestors, c.Attestors},
 		{"delegation", old.Delegation, c.Delegation}, {"demo", old.Demo, c.Demo}, {"vaults", old.Vaults, c.Vaults},
+		{"databases", old.Databases, c.Databases},
 	} {
 		if !reflect.DeepEqual(ch.old, ch.new) {
 			rt.log.Warn("config: this section changed but needs a restart to apply; the running value stays", zap.String("section", ch.name))
@@ -117,6 +118,9 @@ func (rt *Runtime) reloadLocked(st *reloadState) error {
 	rt.Proxy.SetPipeline(pipe)
 	if rt.ProxyTLS != nil {
 		rt.ProxyTLS.SetPipeline(pipe)
+	}
+	for _, db := range rt.Databases {
+		db.SetPipeline(pipe)
 	}
 	// The replaced sources' cached leases are revoked once the requests
 	// still using them finish (at most replacedGrace).

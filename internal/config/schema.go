@@ -18,7 +18,7 @@ type File struct {
 	Vaults      map[string]Vault      `yaml:"vaults"`
 	Credentials map[string]Credential `yaml:"credentials"`
 	Rules       []Rule                `yaml:"rules"`
-	Databases   []map[string]any      `yaml:"databases"`
+	Databases   []Database            `yaml:"databases"`
 	Limits      Limits                `yaml:"limits"`
 	Demo        *Demo                 `yaml:"demo"`
 }
@@ -116,7 +116,25 @@ type Credential struct {
 	SessionPolicy  string            `yaml:"session_policy"`
 	SessionTags    map[string]string `yaml:"session_tags"`
 	WebIdentity    *WebIdentity      `yaml:"web_identity"`
-	Timeout        Duration          `yaml:"timeout"`
+	Timeout        Duration          `yaml:"timeout"` // also oauth2 and github_app
+
+	// oauth2 (oauth.go)
+	TokenURL     string     `yaml:"token_url"`
+	ClientID     string     `yaml:"client_id"`
+	ClientSecret *SecretRef `yaml:"client_secret"`
+	AuthMethod   string     `yaml:"auth_method"`
+	Scopes       []string   `yaml:"scopes"`
+	ScopesExpr   string     `yaml:"scopes_expr"`
+	Audience     string     `yaml:"audience"`
+	Resource     string     `yaml:"resource"`
+	PrivateKey   *SecretRef `yaml:"private_key"` // also github_app
+
+	// github_app (oauth.go)
+	AppID          string      `yaml:"app_id"`
+	APIURL         string      `yaml:"api_url"`
+	InstallationID int64       `yaml:"installation_id"`
+	Repositories   *ListOrExpr `yaml:"repositories"`
+	Permissions    *MapOrExpr  `yaml:"permissions"`
 }
 
 // Vault is one vaults: entry, a Vault server the broker logs in to.
@@ -262,6 +280,26 @@ func knownKey(out any, key string) error {
 		return fmt.Errorf("unknown key %q (%s)", key, want)
 	}
 	return nil
+}
+
+// Database is one databases: entry: a PostgreSQL listener whose sessions
+// the broker authenticates upstream with a credential (docs/postgres.md).
+type Database struct {
+	Name       string `yaml:"name"`
+	Listen     string `yaml:"listen"`     // host:port or unix:PATH
+	Upstream   string `yaml:"upstream"`   // host:port of the real server
+	Credential string `yaml:"credential"` // a credentials: name with username and password
+	// TLS of the upstream leg: disable, require or verify-full (default).
+	TLS string `yaml:"tls"`
+	// CABundle replaces the roots verify-full trusts (default: the egress
+	// roots, i.e. the system roots plus egress.ca_bundle).
+	CABundle string `yaml:"ca_bundle"`
+	// ServerName is the name verify-full checks (default: the upstream's host).
+	ServerName string `yaml:"server_name"`
+	// ServerTLS offers clients TLS with a broker-CA leaf (default true).
+	ServerTLS        *bool `yaml:"server_tls"`
+	AllowOptions     bool  `yaml:"allow_options"`
+	AllowReplication bool  `yaml:"allow_replication"`
 }
 
 // Limits bound what one workload connection can cost.

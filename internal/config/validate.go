@@ -154,9 +154,7 @@ func (c *Config) validate() Problems {
 		}
 	}
 	ps = append(ps, c.validateVaults()...)
-	if len(c.Databases) > 0 {
-		add("databases "+notInThisBuild, "databases")
-	}
+	ps = append(ps, c.validateDatabases()...)
 
 	for i, s := range c.Egress.AllowCIDRs {
 		if _, err := netip.ParsePrefix(s); err != nil {
@@ -230,8 +228,12 @@ func (c *Config) validateCredential(name string, cr Credential) Problems {
 	case "vault_kv", "vault_dynamic":
 		c.validateVaultSource(cr, add)
 		checkKeys(cr, add)
-	case "oauth2", "github_app":
-		add(fmt.Sprintf("source %q %s", cr.Source, notInThisBuild), "source")
+	case "oauth2":
+		c.validateOAuth2(cr, add)
+		checkKeys(cr, add)
+	case "github_app":
+		c.validateGitHubApp(cr, add)
+		checkKeys(cr, add)
 	case "":
 		add("source is required")
 	default:
@@ -388,6 +390,9 @@ func injectorFits(kind, name string, cr Credential) string {
 		_, id := cr.Fields[broker.FieldAccessKeyID]
 		_, secret := cr.Fields[broker.FieldSecretAccessKey]
 		aws = id && secret
+	}
+	if msg := tokenSourceFits(kind, name, cr); msg != "" {
+		return msg
 	}
 	switch {
 	case kind == "sigv4" && !aws:

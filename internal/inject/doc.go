@@ -1,8 +1,7 @@
 // Package inject turns config into credentials and writes them into
 // requests: secret references (ResolveRef), credential sources (NewStatic,
-// NewSTS, NewVaultKV and NewVaultDynamic on a NewVault connection; oauth2
-// and github_app will follow the same broker.Source contract), the caching
-// decorator (NewCache), the
+// NewSTS, NewVaultKV and NewVaultDynamic on a NewVault connection,
+// NewOAuth2, NewGitHubApp), the caching decorator (NewCache), the
 // per-request parameter decorator (WithParams) and the injectors (Bearer,
 // Basic, Header, Query, SigV4).
 //
@@ -17,6 +16,36 @@
 // become 503 credential_unavailable with the STS operation and error code
 // (and Retry-After on throttling); at most one retry per call, bounded by
 // STSOptions.Timeout.
+//
+// OAuth2 (oauth2.go). NewOAuth2 runs the client-credentials grant with
+// golang.org/x/oauth2/clientcredentials per call: client_secret_basic,
+// client_secret_post or private_key_jwt (an RFC 7523 assertion signed with
+// go-jose, fresh jti, one minute), scopes static or from the grant
+// parameter ParamOAuth2Scopes (canonical: sorted, unique, so part of the
+// cache key), audience and resource parameters. The token's expiry is the
+// call's Clock time plus expires_in; without expires_in it is
+// DefaultOAuth2Lifetime (60s), so a token of unknown life is kept briefly,
+// never indefinitely. x/oauth2's error strings (which quote bodies) are
+// never passed on: an OAuth error answer or an unreachable endpoint is 503
+// credential_unavailable with the status and the RFC 6749 error code (not
+// repeated when it is outside RFC 6749's characters or holds the secret);
+// garbage, a token with control characters, a non-Bearer token_type, a
+// negative expires_in or the client's own secret echoed back as the token
+// are 502 credential_malformed. Descriptions go to the cause (the log) with
+// the client secret and assertion removed.
+//
+// GitHub App (github_app.go). NewGitHubApp signs the app JWT (RS256,
+// iat-60s, exp+9m), finds the installation of the repositories
+// (GET /repos/{owner}/{repo}/installation, or /orgs/{org}/installation for
+// an owner alone, or the configured installation_id, which also pins the
+// lookup's answer) and exchanges it (POST
+// /app/installations/{id}/access_tokens) with the repository names and
+// permissions, static or from ParamGitHubRepositories and
+// ParamGitHubPermissions (canonical, validated: owner/repo of GitHub's
+// characters, one owner, levels read/write/admin). The credential has
+// token, username x-access-token and password, expires at expires_at. A
+// 404 lookup is 503 naming the app and the repository; a bad answer is 502.
+// Both token sources use the broker's own client (no proxy, no redirects).
 //
 // # Security contract
 //

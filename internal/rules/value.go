@@ -10,6 +10,8 @@ import (
 
 	"github.com/google/cel-go/cel"
 	"github.com/google/cel-go/common/types"
+	"github.com/google/cel-go/common/types/ref"
+	"github.com/google/cel-go/common/types/traits"
 	"github.com/google/cel-go/interpreter"
 	"google.golang.org/protobuf/types/known/structpb"
 
@@ -26,6 +28,12 @@ const (
 	// e.g. {"Version": "2012-10-17", "Statement": [...]}) or a string that
 	// holds a JSON object or array; the result is compact JSON.
 	ValueJSON
+	// ValueStringList: the expression is a list of strings, or a string of
+	// space-separated words (an OAuth2 scope string, one repository name);
+	// the result is the compact JSON array of the strings, in the order
+	// given (a string is split on runs of ASCII spaces, tabs and newlines,
+	// and an empty string is the empty list).
+	ValueStringList
 )
 
 // Value is a compiled CEL expression over the rule variables (workload,
@@ -73,6 +81,10 @@ func CompileValue(expr string, kind ValueKind, opts Options) (*Value, error) {
 		if t.Kind() != types.MapKind && t.Kind() != types.ListKind && !t.IsExactType(cel.StringType) && !t.IsExactType(cel.DynType) {
 			return nil, fmt.Errorf("expression must be a map, a list or a JSON string, but it has type %s", t)
 		}
+	case ValueStringList:
+		if t.Kind() != types.ListKind && !t.IsExactType(cel.StringType) && !t.IsExactType(cel.DynType) {
+			return nil, fmt.Errorf("expression must be a list of strings or a space-separated string, but it has type %s", t)
+		}
 	default:
 		return nil, fmt.Errorf("unknown value kind %d", kind)
 	}
@@ -107,6 +119,9 @@ func (v *Value) Eval(ctx context.Context, id broker.Identity, t broker.Target) (
 	if err != nil {
 		return "", fmt.Errorf("rules: evaluating: %w", err)
 	}
+	if v.kind == ValueStringList {
+		return stringList(out)
+	}
 	if s, ok := out.(types.String); ok {
 		if v.kind == ValueString {
 			return string(s), nil
@@ -130,6 +145,35 @@ func (v *Value) Eval(ctx context.Context, id broker.Identity, t broker.Target) (
 		return "", fmt.Errorf("rules: result of type %s is not a JSON object or array", out.Type())
 	}
 	return encodeJSON(sv.AsInterface())
+}
+
+// stringList turns a string or a list of strings into a JSON array. The
+// error names the type or the position of a bad element, never a value.
+func stringList(out ref.Val) (string, error) {
+	var items []string
+	switch x := out.(type) {
+	case types.String:
+		items = strings.FieldsFunc(string(x), func(r rune) bool { return r == ' ' || r == '\t' || r == '\n' || r == '\r' })
+	case traits.Lister:
+		n, ok := x.Size().(types.Int)
+		if !ok {
+			return "", errors.New("rules: result list has no size")
+		}
+		items = make([]string, 0, int(n))
+		for i := types.Int(0); i < n; i++ {
+			s, ok := x.Get(i).(types.String)
+			if !ok {
+				return "", fmt.Errorf("rules: result element %d has type %s, not string", i, x.Get(i).Type())
+			}
+			items = append(items, string(s))
+		}
+	default:
+		return "", fmt.Errorf("rules: result has type %s, not a list of strings or a string", out.Type())
+	}
+	if items == nil {
+		items = []string{}
+	}
+	return encodeJSON(items)
 }
 
 // compactJSON re-encodes a JSON object or array with sorted keys; the error

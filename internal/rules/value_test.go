@@ -100,3 +100,57 @@ func TestValueErrorHasNoData(t *testing.T) {
 		t.Fatalf("error = %v; want an error without the request data", err)
 	}
 }
+
+func TestValueStringList(t *testing.T) {
+	id := broker.Identity{ID: "repo:acme/app:ref:refs/heads/main", Method: "oidc",
+		Claims: map[string]any{"repository": "acme/app", "scopes": []any{"read", "write"}, "mixed": []any{"read", 3.0}, "n": 3.0}}
+	tg := broker.Target{Phase: broker.PhaseRequest, Protocol: "https", Host: "api.example.test", Port: 443, Method: "GET", Path: "/v1/items"}
+	tests := []struct {
+		name, expr string
+		want       string
+		compileErr string
+		evalErr    string
+	}{
+		{"list literal", `["read", "write"]`, `["read","write"]`, "", ""},
+		{"conditional list", `request.method == "GET" ? ["read"] : ["read", "write"]`, `["read"]`, "", ""},
+		{"space separated", `"read  write\tadmin"`, `["read","write","admin"]`, "", ""},
+		{"claim string", `workload.claims.repository`, `["acme/app"]`, "", ""},
+		{"list from claim", `[workload.claims.repository]`, `["acme/app"]`, "", ""},
+		{"dyn list claim", `workload.claims.scopes`, `["read","write"]`, "", ""},
+		{"empty string", `""`, `[]`, "", ""},
+		{"empty list", `[]`, `[]`, "", ""},
+		{"json special chars kept", `["a&b", "<c>"]`, `["a&b","<c>"]`, "", ""},
+		{"int", `1`, "", "must be a list of strings", ""},
+		{"map", `{"a": "b"}`, "", "must be a list of strings", ""},
+		{"list of ints", `[1, 2]`, "", "", "element 0 has type int"},
+		{"mixed dyn list", `workload.claims.mixed`, "", "", "element 1 has type double"},
+		{"dyn number", `workload.claims.n`, "", "", "not a list of strings"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			v, err := CompileValue(tc.expr, ValueStringList, Options{})
+			if tc.compileErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.compileErr) {
+					t.Fatalf("compile error = %v, want %q", err, tc.compileErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("CompileValue: %v", err)
+			}
+			got, err := v.Eval(context.Background(), id, tg)
+			if tc.evalErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.evalErr) {
+					t.Fatalf("eval error = %v, want %q", err, tc.evalErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Eval: %v", err)
+			}
+			if got != tc.want {
+				t.Fatalf("got %s, want %s", got, tc.want)
+			}
+		})
+	}
+}

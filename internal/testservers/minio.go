@@ -7,6 +7,7 @@
 package testservers
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -25,6 +26,10 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/credentials"
+	"github.com/aws/aws-sdk-go-v2/service/sts"
 )
 
 // MinIOVersion must match scripts/minio.sh.
@@ -131,6 +136,27 @@ func (m *MinIO) Start() {
 	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil,
 		TLSClientConfig: &tls.Config{RootCAs: m.CAPool}}}
 	waitHTTP(m.t, "minio", client, "https://127.0.0.1:"+port+"/minio/health/ready", done, m.LogFile)
+	m.waitIAM(client)
+}
+
+// waitIAM waits until STS answers: /minio/health/ready can report ready
+// while the IAM subsystem is still loading ("Server not initialized").
+func (m *MinIO) waitIAM(client *http.Client) {
+	m.t.Helper()
+	api := sts.New(sts.Options{Region: "us-east-1", BaseEndpoint: aws.String(m.Endpoint), HTTPClient: client,
+		Credentials: credentials.NewStaticCredentialsProvider(m.RootUser, m.RootPassword, "")})
+	var err error
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err = api.AssumeRole(ctx, &sts.AssumeRoleInput{RoleArn: aws.String("arn:aws:iam::000000000000:role/ready"),
+			RoleSessionName: aws.String("keygate-ready"), DurationSeconds: aws.Int32(900)})
+		cancel()
+		if err == nil {
+			return
+		}
+	}
+	log, _ := os.ReadFile(m.LogFile)
+	m.t.Fatalf("minio STS not ready within 30s: %v; log:\n%s", err, log)
 }
 
 // Stop kills the server (data is kept for Start).

@@ -2,7 +2,15 @@ package testservers
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
+	"math/big"
+	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -30,6 +38,13 @@ type Postgres struct {
 	User     string // the superuser, "postgres"
 	Password string
 	Dir      string
+	// CAFile is the PEM of the test CA that signed the server certificate
+	// (TLS clusters only; see PostgresOptions.TLS).
+	CAFile string
+	// LogFile is the server log (log_connections is on).
+	LogFile string
+
+	opts PostgresOptions
 
 	t    testing.TB
 	bin  string // the server's bin directory (initdb, pg_ctl)
@@ -70,9 +85,30 @@ func missing(t testing.TB, msg string) {
 	t.Skip(msg)
 }
 
+// PostgresOptions tune StartPostgresWith.
+type PostgresOptions struct {
+	// TLS turns ssl on with a server certificate signed by a fresh test CA
+	// (Postgres.CAFile). Clients may still connect without TLS unless HBA
+	// says otherwise.
+	TLS bool
+	// CertHosts are the server certificate's names (DNS names or IP
+	// addresses); default 127.0.0.1 and localhost. A name the clients do not
+	// use makes a certificate that verify-full must refuse.
+	CertHosts []string
+	// HBA lines are placed before initdb's own (first match wins), e.g.
+	// "host all md5user 127.0.0.1/32 md5".
+	HBA []string
+}
+
 // StartPostgres creates and starts a cluster; it is stopped and deleted
 // when the test ends. ~1.5 s.
 func StartPostgres(t testing.TB) *Postgres {
+	t.Helper()
+	return StartPostgresWith(t, PostgresOptions{})
+}
+
+// StartPostgresWith is StartPostgres with TLS and extra pg_hba.conf lines.
+func StartPostgresWith(t testing.TB, o PostgresOptions) *Postgres {
 	t.Helper()
 	bin := pgBinDir()
 	if bin == "" {
@@ -84,7 +120,7 @@ func StartPostgres(t testing.TB) *Postgres {
 			missing(t, "psql not found; apt-get install -y postgresql-client")
 		}
 	}
-	p := &Postgres{Host: "127.0.0.1", User: "postgres", Password: "pg-" + randHex(12), t: t, bin: bin, psql: psql}
+	p := &Postgres{Host: "127.0.0.1", User: "postgres", Password: "pg-" + randHex(12), t: t, bin: bin, psql: psql, opts: o}
 	dir, err := os.MkdirTemp("", "keygate-pg-")
 	if err != nil {
 		t.Fatal(err)
@@ -123,6 +159,23 @@ func StartPostgres(t testing.TB) *Postgres {
 	if err != nil {
 		t.Fatalf("initdb: %v\n%s", err, out)
 	}
+	p.LogFile = filepath.Join(dir, "pg.log")
+	if len(o.HBA) > 0 {
+		hba := filepath.Join(dir, "data", "pg_hba.conf")
+		old, err := os.ReadFile(hba)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Rewritten in place: the file keeps its owner and mode.
+		if err := os.WriteFile(hba, []byte(strings.Join(o.HBA, "\n")+"\n"+string(old)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if o.TLS {
+		if err := p.writeTLS(uid, gid); err != nil {
+			t.Fatal(err)
+		}
+	}
 	_, port, _ := strings.Cut(freeAddr(t), ":")
 	p.Port, _ = strconv.Atoi(port)
 	p.Start()
@@ -150,8 +203,12 @@ func (p *Postgres) Start() {
 	if p.up {
 		return
 	}
-	opts := fmt.Sprintf("-c listen_addresses=127.0.0.1 -p %d -k %s -c fsync=off -c full_page_writes=off -c synchronous_commit=off",
+	opts := fmt.Sprintf("-c listen_addresses=127.0.0.1 -p %d -k %s -c fsync=off -c full_page_writes=off -c synchronous_commit=off -c log_connections=on",
 		p.Port, p.Dir)
+	if p.opts.TLS {
+		opts += fmt.Sprintf(" -c ssl=on -c ssl_cert_file=%s -c ssl_key_file=%s",
+			filepath.Join(p.Dir, "server.crt"), filepath.Join(p.Dir, "server.key"))
+	}
 	out, err := p.run(filepath.Join(p.bin, "pg_ctl"), "-D", filepath.Join(p.Dir, "data"),
 		"-l", filepath.Join(p.Dir, "pg.log"), "-w", "-t", "30", "start", "-o", opts)
 	if err != nil {
@@ -189,3 +246,98 @@ func (p *Postgres) PSQL(user, password, sql string) (string, error) {
 	}
 	return strings.TrimSpace(stdout.String()), nil
 }
+
+// writeTLS creates a test CA (CAFile) and a server certificate and key it
+// signed, owned by the server's user (PostgreSQL refuses a key readable by
+// others).
+func (p *Postgres) writeTLS(uid, gid int) error {
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "keygate test PostgreSQL CA " + randHex(4)},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		return err
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	hosts := p.opts.CertHosts
+	if len(hosts) == 0 {
+		hosts = []string{"127.0.0.1", "localhost"}
+	}
+	leaf := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: hosts[0]},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			leaf.IPAddresses = append(leaf.IPAddresses, ip)
+		} else {
+			leaf.DNSNames = append(leaf.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &key.PublicKey, caKey)
+	if err != nil {
+		return err
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return err
+	}
+	p.CAFile = filepath.Join(p.Dir, "ca.crt")
+	files := []struct {
+		path string
+		typ  string
+		der  []byte
+	}{
+		{p.CAFile, "CERTIFICATE", caDER},
+		{filepath.Join(p.Dir, "server.crt"), "CERTIFICATE", der},
+		{filepath.Join(p.Dir, "server.key"), "EC PRIVATE KEY", keyDER},
+	}
+	for _, f := range files {
+		if err := os.WriteFile(f.path, pem.EncodeToMemory(&pem.Block{Type: f.typ, Bytes: f.der}), 0o600); err != nil {
+			return err
+		}
+		if p.cred != nil {
+			if err := os.Chown(f.path, uid, gid); err != nil {
+				return err
+			}
+		}
+	}
+	return os.Chmod(p.CAFile, 0o644)
+}
+
+// Log returns the server log so far.
+func (p *Postgres) Log() string {
+	b, _ := os.ReadFile(p.LogFile)
+	return string(b)
+}
+
+// DSN is a key=value connection string for user/password on this cluster
+// (no TLS), for pgx and psql.
+func (p *Postgres) DSN(user, password, database string) string {
+	return fmt.Sprintf("host=%s port=%d user=%s password=%s dbname=%s sslmode=disable", p.Host, p.Port, user, password, database)
+}
+
+// PSQLBin is the psql client that goes with the server.
+func (p *Postgres) PSQLBin() string { return p.psql }
+
+// BinDir is the server's bin directory (pgbench, pg_ctl, ...).
+func (p *Postgres) BinDir() string { return p.bin }

@@ -1,0 +1,418 @@
+package dbproxy
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+	"go.uber.org/zap"
+
+	"github.com/keygate/broker/internal/broker"
+)
+
+// session is one client connection, from accept to its audit line.
+type session struct {
+	srv   *Server
+	raw   net.Conn // as accepted
+	conn  net.Conn // raw, or the *tls.Conn over it
+	start time.Time
+	rec   broker.Record
+	cred  broker.Credential
+	fail  *failure
+
+	up      *upstream
+	key     cancelKey // the client's BackendKeyData
+	hasKey  bool
+	stop    chan struct{} // closed by terminate
+	stopMsg string
+	once    sync.Once
+	tracker *frameTracker
+	endNote string // why the broker ended an allowed session, for the audit line
+}
+
+func (s *Server) handle(raw net.Conn) {
+	pipe := s.pipe.Load()
+	x := &session{
+		srv:   s,
+		raw:   raw,
+		conn:  raw,
+		start: s.opts.Clock.Now(),
+		stop:  make(chan struct{}),
+		rec: broker.Record{
+			RequestID: newRequestID(),
+			Listener:  s.name,
+			Protocol:  broker.ProtocolPostgres,
+			Host:      s.host,
+			Port:      s.port,
+		},
+	}
+	audited := true
+	defer func() {
+		if p := recover(); p != nil {
+			x.setFail(newFailure(sqlConnectionFailure, broker.CodeInternal, "keygate: internal error", fmt.Errorf("panic: %v", p)))
+		}
+		x.conn.Close()
+		if x.up != nil {
+			x.up.conn.Close()
+		}
+		if x.hasKey {
+			s.mu.Lock()
+			delete(s.keys, x.key)
+			s.mu.Unlock()
+		}
+		s.untrack(raw)
+		if audited {
+			x.finish()
+		}
+	}()
+	_ = raw.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
+	startup, cancel, err := x.readStartup()
+	switch {
+	case cancel != nil:
+		audited = false // a cancel is not a session; forwardCancel logs it
+		s.forwardCancel(cancel)
+		return
+	case err != nil:
+		audited = false // nothing was asked for: no decision to record
+		if errors.Is(err, errStrayBytes) {
+			// CVE-2021-23214 class, or a client pipelining before it was
+			// answered: worth an operator's attention.
+			s.log.Warn("postgres connection closed: the client sent bytes before the broker answered", zap.String("listener", s.name),
+				zap.String("request_id", x.rec.RequestID), zap.String("remote", fmt.Sprint(raw.RemoteAddr())))
+		} else {
+			// Probes and port scanners end here; not worth a warning.
+			s.log.Debug("postgres startup refused", zap.String("listener", s.name), zap.String("request_id", x.rec.RequestID), zap.Error(err))
+		}
+		return
+	}
+	x.rec.DBUser = startup.Parameters[paramUser]
+	x.rec.Database = startup.Parameters[paramDatabase]
+	if x.rec.Database == "" {
+		x.rec.Database = x.rec.DBUser
+	}
+	if x.rec.DBUser == "" {
+		x.setFail(newFailure(sqlInvalidAuthorization, broker.CodeBadRequest, "no PostgreSQL user name specified in startup packet", nil))
+		x.sendError()
+		return
+	}
+	// Setting the session up waits for the credential source and the
+	// server; the client waits as long.
+	_ = raw.SetDeadline(time.Now().Add(s.opts.UpstreamTimeout + 5*time.Second))
+	if f := x.setup(pipe, startup); f != nil {
+		x.setFail(f)
+		x.sendError()
+		return
+	}
+	x.serve()
+}
+
+func (x *session) setFail(f *failure) {
+	if x.fail == nil {
+		x.fail = f
+		if x.rec.Rule == "" {
+			x.rec.Rule = f.be.Rule
+		}
+	}
+}
+
+// readStartup runs the client's startup phase: GSSENCRequest (answered
+// 'N'), SSLRequest (TLS or 'N'), then a StartupMessage or CancelRequest.
+func (x *session) readStartup() (*pgproto3.StartupMessage, *pgproto3.CancelRequest, error) {
+	s := x.srv
+	sawSSL, sawGSS := false, false
+	for {
+		msg, err := readStartupPacket(x.conn)
+		if err != nil {
+			return nil, nil, err
+		}
+		switch m := msg.(type) {
+		case *pgproto3.SSLRequest:
+			if sawSSL {
+				return nil, nil, errors.New("a second SSLRequest")
+			}
+			sawSSL = true
+			if s.opts.ClientTLS == nil {
+				if _, err := x.conn.Write([]byte{'N'}); err != nil {
+					return nil, nil, err
+				}
+				continue
+			}
+			if _, err := x.conn.Write([]byte{'S'}); err != nil {
+				return nil, nil, err
+			}
+			tc := tls.Server(x.conn, s.opts.ClientTLS)
+			if err := tc.Handshake(); err != nil {
+				return nil, nil, fmt.Errorf("client TLS handshake: %w", err)
+			}
+			x.conn = tc
+		case *pgproto3.GSSEncRequest:
+			if sawGSS || sawSSL {
+				return nil, nil, errors.New("an unexpected GSSENCRequest")
+			}
+			sawGSS = true
+			if _, err := x.conn.Write([]byte{'N'}); err != nil {
+				return nil, nil, err
+			}
+		case *pgproto3.CancelRequest:
+			return nil, m, nil
+		case *pgproto3.StartupMessage:
+			return m, nil, nil
+		}
+	}
+}
+
+// setup attests, decides, fetches the credential and authenticates
+// upstream. Nothing is dialled before the decision allows the session.
+func (x *session) setup(pipe *broker.Pipeline, client *pgproto3.StartupMessage) *failure {
+	s := x.srv
+	ev := broker.Evidence{Listener: s.name, Conn: x.conn, Remote: addrPort(x.raw.RemoteAddr()), Local: addrPort(x.raw.LocalAddr())}
+	if tc, ok := x.conn.(*tls.Conn); ok {
+		st := tc.ConnectionState()
+		ev.TLS = &st
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.opts.UpstreamTimeout)
+	defer cancel()
+	id, err := pipe.Attest(ctx, ev)
+	if err != nil {
+		return fromBrokerError(err, "")
+	}
+	x.rec.Workload, x.rec.Delegator = id, id.Delegator.Sub
+
+	// The startup the upstream gets: built, not forwarded. The
+	// credential's username is filled in below; the rule sees the
+	// client's user and database.
+	t := broker.Target{Phase: broker.PhaseRequest, Protocol: broker.ProtocolPostgres, Host: s.host, Port: s.port,
+		Database: x.rec.Database, User: x.rec.DBUser}
+	pol := startupPolicy{AllowOptions: s.db.AllowOptions, AllowReplication: s.db.AllowReplication}
+	if _, _, err := rewriteStartup(client, "", pol); err != nil {
+		se := err.(*startupError)
+		return newFailure(se.Code, broker.CodeBadRequest, se.Message, nil)
+	}
+	what := fmt.Sprintf("user %q on database %q", t.User, t.Database)
+	d, err := pipe.Decide(ctx, id, t)
+	x.rec.Rule = d.Rule
+	if err != nil {
+		return fromBrokerError(err, what)
+	}
+	switch {
+	case d.Action != broker.Allow:
+		return fromBrokerError(&broker.Error{Code: broker.CodeDenied, Rule: d.Rule,
+			Message: "rule " + d.Rule + " is a tunnel rule; database sessions need an allow rule"}, what)
+	case d.Inject != nil && d.Inject.Credential != s.db.Credential:
+		return fromBrokerError(&broker.Error{Code: broker.CodeDenied, Rule: d.Rule,
+			Message: fmt.Sprintf("rule %s injects credential %q, but this database uses %q", d.Rule, d.Inject.Credential, s.db.Credential)}, what)
+	}
+	x.rec.Decision = broker.AuditAllow
+
+	c, f := x.credential(ctx, pipe, id, t, d)
+	if f != nil {
+		return f
+	}
+	user, _ := c.Field(broker.FieldUsername)
+	password, _ := c.Field(broker.FieldPassword)
+	startup, req, err := rewriteStartup(client, user.Reveal(), pol)
+	if err != nil {
+		return newFailure(sqlProtocolViolation, broker.CodeBadRequest, err.Error(), nil)
+	}
+
+	conn, err := s.dialUpstream(ctx)
+	if err != nil {
+		return upstreamFailure(err)
+	}
+	up, err := authenticate(conn, startup, user, password, s.db.TLS, req.Database)
+	if err != nil {
+		conn.Close()
+		return upstreamFailure(err)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	x.up = up
+	s.log.Debug("postgres session authenticated upstream", zap.String("request_id", x.rec.RequestID),
+		zap.String("listener", s.name), zap.String("auth", up.auth), zap.Bool("upstream_tls", s.db.TLS != TLSDisable))
+
+	// What the client sees: AuthenticationOk, the server's parameters, a
+	// notice for what was dropped, the broker's own key, ReadyForQuery.
+	var out []byte
+	if req.Minor > 0 || len(req.ProtocolOptions) > 0 {
+		out = encodeBackend(out, &pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: req.ProtocolOptions})
+	}
+	out = encodeBackend(out, &pgproto3.AuthenticationOk{})
+	out = append(out, up.params...)
+	if len(req.Dropped) > 0 {
+		out = encodeBackend(out, &pgproto3.NoticeResponse{Severity: "WARNING", SeverityUnlocalized: "WARNING", Code: "01000",
+			Message: "keygate: startup parameters removed: " + strings.Join(req.Dropped, ", ")})
+	}
+	if up.hasKey {
+		k, secret, err := s.register(x)
+		if err != nil {
+			return newFailure(sqlConnectionFailure, broker.CodeInternal, "keygate: internal error", err)
+		}
+		out = encodeBackend(out, &pgproto3.BackendKeyData{ProcessID: binary.BigEndian.Uint32(k[:4]), SecretKey: secret})
+	}
+	out = append(out, up.ready...)
+	out = append(out, up.after...)
+	if _, err := x.conn.Write(out); err != nil {
+		return newFailure(sqlConnectionFailure, broker.CodeUpstreamUnreachable, "keygate: the client went away", err)
+	}
+	_ = x.raw.SetDeadline(time.Time{})
+	return nil
+}
+
+// credential fetches the entry's credential for this caller under the
+// deciding rule, the way the pipeline does for a request.
+func (x *session) credential(ctx context.Context, pipe *broker.Pipeline, id broker.Identity, t broker.Target, d broker.Decision) (broker.Credential, *failure) {
+	s := x.srv
+	name := s.db.Credential
+	src := pipe.Sources[name]
+	if src == nil {
+		return broker.Credential{}, newFailure(sqlConnectionFailure, broker.CodeCredentialUnavailable,
+			fmt.Sprintf("keygate: credential %q is not configured", name), nil)
+	}
+	c, err := src.Credential(ctx, id, broker.Grant{Rule: d.Rule, Credential: name, Target: t})
+	if err != nil {
+		be := broker.AsError(err)
+		if be.Code == broker.CodeInternal {
+			be = &broker.Error{Code: broker.CodeCredentialUnavailable, Message: fmt.Sprintf("credential %q is unavailable", name), Err: err}
+		}
+		be.Rule = d.Rule
+		return broker.Credential{}, &failure{be: be, sqlcode: sqlConnectionFailure, msg: "keygate: " + be.Message}
+	}
+	if c.Name == "" {
+		c.Name = name
+	}
+	x.cred = c
+	x.rec.CredName, x.rec.CredKind = c.Name, c.Kind
+	x.rec.CredFP = s.opts.Fingerprints.Fingerprint(c)
+	x.rec.CredExpires, x.rec.CredMeta = c.Expires, c.Meta
+	if c.Expired(s.opts.Clock.Now()) {
+		return broker.Credential{}, newFailure(sqlConnectionFailure, broker.CodeCredentialUnavailable,
+			fmt.Sprintf("keygate: credential %q has expired", name), nil)
+	}
+	user, okU := c.Field(broker.FieldUsername)
+	pw, okP := c.Field(broker.FieldPassword)
+	if !okU || !okP || strings.IndexByte(user.Reveal(), 0) >= 0 || strings.IndexByte(pw.Reveal(), 0) >= 0 {
+		return broker.Credential{}, newFailure(sqlConnectionFailure, broker.CodeCredentialMalformed,
+			fmt.Sprintf("keygate: credential %q has no usable username and password", name), nil)
+	}
+	return c, nil
+}
+
+// sendError writes the failure as a FATAL ErrorResponse (best effort).
+func (x *session) sendError() {
+	if x.fail == nil {
+		return
+	}
+	_ = x.conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	_, _ = x.conn.Write(encodeBackend(nil, errorResponse(x.fail.sqlcode, x.fail.msg, x.rec.RequestID)))
+}
+
+// deadline is when the session must end: the credential's expiry or the
+// caller's evidence's, whichever is first; zero for none.
+func (x *session) deadline() time.Time {
+	var d time.Time
+	for _, t := range []time.Time{x.cred.Expires, x.rec.Workload.Expires, x.rec.Workload.Delegator.Expires} {
+		if !t.IsZero() && (d.IsZero() || t.Before(d)) {
+			d = t
+		}
+	}
+	return d
+}
+
+// terminate asks the session to end (idempotent, never blocks).
+func (x *session) terminate(msg string) {
+	x.once.Do(func() {
+		x.stopMsg = msg
+		close(x.stop)
+	})
+}
+
+// finish releases the credential and writes the audit line.
+func (x *session) finish() {
+	s := x.srv
+	if x.cred.Release != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		x.cred.Release(ctx)
+		cancel()
+	}
+	x.rec.Duration = s.opts.Clock.Now().Sub(x.start)
+	if x.fail != nil {
+		be := x.fail.be
+		x.rec.Status = be.Status()
+		msg := be.Code + ": " + be.Message
+		if be.Err != nil {
+			msg += " (" + be.Err.Error() + ")"
+		}
+		x.rec.Error = scrub(msg, x.cred)
+		if x.rec.Decision == "" || be.Code == broker.CodeDenied || be.Code == broker.CodeUnauthenticated {
+			x.rec.Decision = broker.AuditDeny
+		}
+	} else {
+		x.rec.Status = 200
+		x.rec.Decision = broker.AuditAllow
+		x.rec.Error = x.endNote
+	}
+	if x.rec.Decision == "" {
+		x.rec.Decision = broker.AuditDeny
+	}
+	s.log.Info("decision", zap.Inline(&x.rec))
+	if m := s.opts.Metrics; m != nil && m.Requests != nil {
+		m.Requests.WithLabelValues(x.rec.Decision, x.rec.Rule).Inc()
+	}
+}
+
+// scrub removes the credential's values, and common encodings of them,
+// from a string bound for the log.
+func scrub(s string, c broker.Credential) string {
+	for _, v := range c.Fields {
+		raw := v.Reveal()
+		if len(raw) < 4 {
+			continue
+		}
+		for _, form := range []string{raw, url.QueryEscape(raw), base64.StdEncoding.EncodeToString([]byte(raw))} {
+			s = strings.ReplaceAll(s, form, "REDACTED")
+		}
+	}
+	return s
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if a == nil {
+		return netip.AddrPort{}
+	}
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.AddrPort()
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}
+
+// register gives the session a fresh random key of the broker's own and
+// maps it to the session (for CancelRequest).
+func (s *Server) register(x *session) (cancelKey, []byte, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for range 8 {
+		var k cancelKey
+		if _, err := io.ReadFull(rand.Reader, k[:]); err != nil {
+			return k, nil, err
+		}
+		if _, taken := s.keys[k]; taken {
+			continue
+		}
+		s.keys[k] = x
+		x.key, x.hasKey = k, true
+		return k, k[4:], nil
+	}
+	return cancelKey{}, nil, errors.New("dbproxy: no free cancel key")
+}
