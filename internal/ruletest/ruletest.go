@@ -98,10 +98,19 @@ type delegatorYAML struct {
 }
 
 type requestYAML struct {
-	Method  string            `yaml:"method"`
-	URL     string            `yaml:"url"`
-	Headers map[string]string `yaml:"headers"`
-	Connect string            `yaml:"connect"`
+	Method   string            `yaml:"method"`
+	URL      string            `yaml:"url"`
+	Headers  map[string]string `yaml:"headers"`
+	Connect  string            `yaml:"connect"`
+	Postgres *postgresYAML     `yaml:"postgres"`
+}
+
+// postgresYAML is a PostgreSQL session as a databases: listener decides it:
+// the entry's upstream, and the database and user the client asked for.
+type postgresYAML struct {
+	Upstream string `yaml:"upstream"`
+	Database string `yaml:"database"`
+	User     string `yaml:"user"`
 }
 
 type expectYAML struct {
@@ -118,6 +127,7 @@ var typeNames = strings.NewReplacer(
 	" in type ruletest.processYAML", " in identity.process",
 	" in type ruletest.delegatorYAML", " in identity.delegator",
 	" in type ruletest.requestYAML", " in request",
+	" in type ruletest.postgresYAML", " in request.postgres",
 	" in type ruletest.expectYAML", " in expect",
 	" in type ", " in ",
 	"ruletest.fileYAML", "the test file",
@@ -126,6 +136,7 @@ var typeNames = strings.NewReplacer(
 	"ruletest.processYAML", "identity.process",
 	"ruletest.delegatorYAML", "identity.delegator",
 	"ruletest.requestYAML", "request",
+	"ruletest.postgresYAML", "request.postgres",
 	"ruletest.expectYAML", "expect",
 )
 
@@ -267,7 +278,20 @@ func (p *parser) checkCase(i int, y *caseYAML) (Case, bool) {
 
 	switch r := y.Request; {
 	case r == nil:
-		p.add(at(), "test has no request (url, or connect)")
+		p.add(at(), "test has no request (url, connect or postgres)")
+	case r.Postgres != nil && (r.Connect != "" || r.URL != "" || r.Method != "" || len(r.Headers) > 0):
+		p.add(at("request"), "request.postgres stands alone: a database session has no url, method, headers or connect")
+	case r.Postgres != nil:
+		pg := r.Postgres
+		host, port, err := intercept.SplitHostPort(pg.Upstream, 5432)
+		if pg.Upstream == "" || err != nil {
+			p.add(at("request", "postgres"), fmt.Sprintf("request.postgres.upstream %q must be the databases entry's upstream host:port", pg.Upstream))
+		}
+		if pg.Database == "" || pg.User == "" {
+			p.add(at("request", "postgres"), "request.postgres needs database and user (what the client asks for)")
+		}
+		c.Target = broker.Target{Phase: broker.PhaseRequest, Protocol: broker.ProtocolPostgres, Host: host, Port: port,
+			Database: pg.Database, User: pg.User}
 	case r.Connect != "" && (r.URL != "" || r.Method != "" || len(r.Headers) > 0):
 		p.add(at("request"), "request.connect stands alone: a CONNECT knows only host and port (no url, method or headers)")
 	case r.Connect != "":
@@ -277,7 +301,7 @@ func (p *parser) checkCase(i int, y *caseYAML) (Case, bool) {
 		}
 		c.Target = broker.Target{Phase: broker.PhaseConnect, Protocol: broker.ProtocolHTTPS, Host: host, Port: port}
 	case r.URL == "":
-		p.add(at("request"), "request needs url (or connect)")
+		p.add(at("request"), "request needs url (or connect, or postgres)")
 	default:
 		t, msg := requestTarget(r)
 		if msg != "" {

@@ -90,6 +90,10 @@ func TestRuleTestParseProblems(t *testing.T) {
 		{"duplicate name", "tests:\n  - name: a\n    identity: {id: x, method: cidr}\n    request: {url: 'https://a.example/'}\n    expect: {decision: deny}\n  - name: a\n    identity: {id: x, method: cidr}\n    request: {url: 'https://a.example/'}\n    expect: {decision: deny}\n", `t.yaml:6: test name "a" is already used at line 2`},
 		{"type error", "tests:\n  - name: a\n    identity: {id: x, method: cidr, process: {pid: lots}}\n    request: {url: 'https://a.example/'}\n    expect: {decision: deny}\n", "t.yaml:3: cannot unmarshal !!str value into int"},
 		{"two documents", "tests: []\n---\ntests: []\n", "t.yaml:2: more than one YAML document"},
+		{"postgres with url", "tests:\n  - name: a\n    identity: {id: x, method: cidr}\n    request: {postgres: {upstream: 'db:5432', database: d, user: u}, url: 'https://a.example/'}\n    expect: {decision: deny}\n", "t.yaml:4: request.postgres stands alone"},
+		{"postgres without upstream", "tests:\n  - name: a\n    identity: {id: x, method: cidr}\n    request: {postgres: {database: d, user: u}}\n    expect: {decision: deny}\n", "request.postgres.upstream \"\" must be"},
+		{"postgres without user", "tests:\n  - name: a\n    identity: {id: x, method: cidr}\n    request: {postgres: {upstream: 'db:5432', database: d}}\n    expect: {decision: deny}\n", "request.postgres needs database and user"},
+		{"postgres unknown key", "tests:\n  - name: a\n    identity: {id: x, method: cidr}\n    request: {postgres: {upstream: 'db:5432', database: d, user: u, password: p}}\n    expect: {decision: deny}\n", "field password not found in request.postgres"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
