@@ -107,13 +107,48 @@ func (c *Config) validateDatabases() Problems {
 			add("credential is required (a credentials: entry with a username and a password)")
 		case !ok:
 			add(fmt.Sprintf("credential %q is not defined under credentials", db.Credential), "credential")
+		case db.RDSIAM != nil:
+			if cr.Source != "aws_sts" {
+				add(fmt.Sprintf("rds_iam needs an aws_sts credential to sign its tokens; credential %q is %s", db.Credential, cr.Source), "rds_iam")
+			}
 		default:
 			if msg := databaseCredentialFits(cr); msg != "" {
 				add(fmt.Sprintf("credential %q %s", db.Credential, msg), "credential")
 			}
 		}
+		if r := db.RDSIAM; r != nil {
+			switch {
+			case r.User == "":
+				add("rds_iam.user is required (the database role the token logs in as: GRANT rds_iam TO it)", "rds_iam")
+			case strings.IndexByte(r.User, 0) >= 0:
+				add("rds_iam.user holds a NUL byte", "rds_iam", "user")
+			}
+			switch region := databaseRDSRegion(db, cr); {
+			case region == "":
+				add(fmt.Sprintf("rds_iam.region is required (credential %q sets no region)", db.Credential), "rds_iam")
+			case !awsRegion.MatchString(region):
+				if r.Region != "" {
+					add(fmt.Sprintf("rds_iam.region %q is not an AWS region like us-east-1", r.Region), "rds_iam", "region")
+				}
+			}
+			if tls != "" && tls != dbproxy.TLSVerifyFull {
+				add("rds_iam needs tls: verify-full (RDS takes the token as a cleartext password, which the broker sends only over a verified server)", "tls")
+			}
+		}
 	}
 	return ps
+}
+
+// databaseRDSRegion is an rds_iam entry's region: its own, else its aws_sts
+// credential's, else "".
+func databaseRDSRegion(db Database, cr Credential) string {
+	if db.RDSIAM.Region != "" {
+		return db.RDSIAM.Region
+	}
+	if cr.Source == "aws_sts" {
+		return cr.Region
+	}
+	return ""
 }
 
 // databaseCredentialFits says why a credential cannot log in to a database.
@@ -135,7 +170,7 @@ func databaseCredentialFits(cr Credential) string {
 			return "maps no username and password (set fields: {username: ..., password: ...}, or neither field nor fields)"
 		}
 	case "aws_sts":
-		return "is aws_sts: RDS IAM authentication tokens are not in this build; use a vault_dynamic or static credential"
+		return "is aws_sts, which has no username and password: add rds_iam: {user: DBUSER} to log in with RDS IAM tokens it signs"
 	}
 	return ""
 }
@@ -258,6 +293,9 @@ func (c *Config) buildDatabases(env databaseEnv) ([]*dbproxy.Server, error) {
 			Metrics:          &dbproxy.Metrics{Requests: env.metrics.Requests, Active: env.metrics.Active},
 			HandshakeTimeout: time.Duration(c.Limits.HandshakeTimeout),
 			UpstreamTimeout:  time.Duration(c.Limits.UpstreamTimeout),
+		}
+		if db.RDSIAM != nil {
+			o.Database.RDSIAM = &dbproxy.RDSIAM{User: db.RDSIAM.User, Region: databaseRDSRegion(db, c.Credentials[db.Credential])}
 		}
 		if db.ServerTLS == nil || *db.ServerTLS {
 			o.ClientTLS = dbproxy.ClientTLSConfig(env.leaves.Get)

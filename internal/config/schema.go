@@ -300,6 +300,17 @@ type Database struct {
 	ServerTLS        *bool `yaml:"server_tls"`
 	AllowOptions     bool  `yaml:"allow_options"`
 	AllowReplication bool  `yaml:"allow_replication"`
+	// RDSIAM logs in with an RDS IAM authentication token minted per
+	// session from credential (then an aws_sts one) instead of a password.
+	RDSIAM *DatabaseRDSIAM `yaml:"rds_iam"`
+}
+
+// DatabaseRDSIAM is a databases: entry's rds_iam: the database user the
+// token logs in as, and the database's region (default: the aws_sts
+// credential's region, when it sets one).
+type DatabaseRDSIAM struct {
+	User   string `yaml:"user"`
+	Region string `yaml:"region"`
 }
 
 // Limits bound what one workload connection can cost.

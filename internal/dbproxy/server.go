@@ -45,6 +45,11 @@ type Database struct {
 	// AllowReplication accepts replication connections (physical or
 	// logical); otherwise they are refused with 28000.
 	AllowReplication bool
+	// RDSIAM, when set, logs in as RDSIAM.User with an RDS IAM
+	// authentication token signed, per session, by the credential (an
+	// aws_sts one) instead of the credential's username and password.
+	// Needs TLS verify-full.
+	RDSIAM *RDSIAM
 }
 
 // Metrics are the shared series a database listener updates (DESIGN.md
@@ -122,6 +127,11 @@ func New(o Options) (*Server, error) {
 	case TLSDisable, TLSRequire, TLSVerifyFull:
 	default:
 		return nil, errors.New("dbproxy: unknown tls mode " + strconv.Quote(string(db.TLS)))
+	}
+	if db.RDSIAM != nil {
+		if err := checkRDSIAM(db); err != nil {
+			return nil, err
+		}
 	}
 	host, portStr, err := net.SplitHostPort(db.Upstream)
 	port, perr := strconv.Atoi(portStr)

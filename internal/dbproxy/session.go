@@ -9,9 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -30,6 +32,7 @@ type session struct {
 	start time.Time
 	rec   broker.Record
 	cred  broker.Credential
+	token broker.Secret // the RDS IAM token, when the entry has rds_iam
 	fail  *failure
 
 	up      *upstream
@@ -231,7 +234,7 @@ func (x *session) setup(pipe *broker.Pipeline, client *pgproto3.StartupMessage) 
 	if err != nil {
 		return upstreamFailure(err)
 	}
-	up, err := authenticate(conn, startup, user, password, s.db.TLS, req.Database)
+	up, err := authenticate(conn, startup, user, password, s.db.TLS, req.Database, s.db.RDSIAM != nil)
 	if err != nil {
 		conn.Close()
 		return upstreamFailure(err)
@@ -299,6 +302,9 @@ func (x *session) credential(ctx context.Context, pipe *broker.Pipeline, id brok
 		return broker.Credential{}, newFailure(sqlConnectionFailure, broker.CodeCredentialUnavailable,
 			fmt.Sprintf("keygate: credential %q has expired", name), nil)
 	}
+	if r := s.db.RDSIAM; r != nil {
+		return x.rdsLogin(ctx, c, r)
+	}
 	user, okU := c.Field(broker.FieldUsername)
 	pw, okP := c.Field(broker.FieldPassword)
 	if !okU || !okP || strings.IndexByte(user.Reveal(), 0) >= 0 || strings.IndexByte(pw.Reveal(), 0) >= 0 {
@@ -306,6 +312,27 @@ func (x *session) credential(ctx context.Context, pipe *broker.Pipeline, id brok
 			fmt.Sprintf("keygate: credential %q has no usable username and password", name), nil)
 	}
 	return c, nil
+}
+
+// rdsLogin is the login of an rds_iam entry: the user from the config and
+// a fresh IAM token signed by c (an aws_sts credential, perhaps cached) as
+// the password. x.cred stays c: its fingerprint and expiry are what the
+// audit line reports, with meta rds_iam_user; the token is never logged.
+func (x *session) rdsLogin(ctx context.Context, c broker.Credential, r *RDSIAM) (broker.Credential, *failure) {
+	s := x.srv
+	meta := make(map[string]string, len(c.Meta)+1)
+	maps.Copy(meta, c.Meta) // c.Meta may be the cache's: not written
+	meta["rds_iam_user"] = r.User
+	x.rec.CredMeta = meta
+	tok, err := rdsAuthToken(ctx, rdsTokenEndpoint(s.db), r.Region, r.User, c)
+	if err != nil {
+		return broker.Credential{}, newFailure(sqlConnectionFailure, broker.CodeCredentialMalformed,
+			fmt.Sprintf("keygate: credential %q cannot sign an RDS IAM token", c.Name), err)
+	}
+	x.token = tok
+	return broker.Credential{Name: c.Name, Kind: c.Kind, Expires: c.Expires, Meta: meta, Fields: map[string]broker.Secret{
+		broker.FieldUsername: broker.NewSecret(r.User), broker.FieldPassword: tok,
+	}}, nil
 }
 
 // sendError writes the failure as a FATAL ErrorResponse (best effort).
@@ -319,9 +346,19 @@ func (x *session) sendError() {
 
 // deadline is when the session must end: the credential's expiry or the
 // caller's evidence's, whichever is first; zero for none.
+//
+// With rds_iam the credential's expiry does not count: neither the token
+// (15 minutes) nor the aws_sts keys that signed it authenticate anything
+// after the login (RDS checks the token only then), and their expiry
+// revokes nothing, so the session lives as a password login would, until
+// the caller's evidence expires or either side closes.
 func (x *session) deadline() time.Time {
 	var d time.Time
-	for _, t := range []time.Time{x.cred.Expires, x.rec.Workload.Expires, x.rec.Workload.Delegator.Expires} {
+	credExpires := x.cred.Expires
+	if x.srv.db.RDSIAM != nil {
+		credExpires = time.Time{}
+	}
+	for _, t := range []time.Time{credExpires, x.rec.Workload.Expires, x.rec.Workload.Delegator.Expires} {
 		if !t.IsZero() && (d.IsZero() || t.Before(d)) {
 			d = t
 		}
@@ -353,7 +390,7 @@ func (x *session) finish() {
 		if be.Err != nil {
 			msg += " (" + be.Err.Error() + ")"
 		}
-		x.rec.Error = scrub(msg, x.cred)
+		x.rec.Error = scrub(msg, x.cred, x.token)
 		if x.rec.Decision == "" || be.Code == broker.CodeDenied || be.Code == broker.CodeUnauthenticated {
 			x.rec.Decision = broker.AuditDeny
 		}
@@ -373,8 +410,8 @@ func (x *session) finish() {
 
 // scrub removes the credential's values, and common encodings of them,
 // from a string bound for the log.
-func scrub(s string, c broker.Credential) string {
-	for _, v := range c.Fields {
+func scrub(s string, c broker.Credential, more ...broker.Secret) string {
+	for _, v := range append(slices.Collect(maps.Values(c.Fields)), more...) {
 		raw := v.Reveal()
 		if len(raw) < 4 {
 			continue

@@ -132,7 +132,10 @@ func upstreamTLSConfig(db Database) *tls.Config {
 // authenticate sends the startup and answers the server's authentication
 // request with the credential, then collects what the server sends up to
 // ReadyForQuery. database is the client's (for a 3D000 message).
-func authenticate(conn net.Conn, startup *pgproto3.StartupMessage, user, password broker.Secret, mode TLSMode, database string) (*upstream, error) {
+// cleartextOnly (an RDS IAM token as the password) answers only a
+// cleartext password request: a server asking for anything else is not
+// checking IAM tokens (the role lacks rds_iam), and gets no hash of one.
+func authenticate(conn net.Conn, startup *pgproto3.StartupMessage, user, password broker.Secret, mode TLSMode, database string, cleartextOnly bool) (*upstream, error) {
 	fe := pgproto3.NewFrontend(conn, conn)
 	fe.SetMaxBodyLen(maxHandshakeBody)
 	u := &upstream{conn: conn, fe: fe, auth: "trust"}
@@ -162,11 +165,17 @@ func authenticate(conn net.Conn, startup *pgproto3.StartupMessage, user, passwor
 			if authDone {
 				return nil, errUpstreamProtocol
 			}
+			if cleartextOnly {
+				return nil, errNotIAM
+			}
 			u.auth = "md5"
 			fe.Send(&pgproto3.PasswordMessage{Password: md5Response(user.Reveal(), password.Reveal(), m.Salt)})
 		case *pgproto3.AuthenticationSASL:
 			if authDone || conv != nil {
 				return nil, errUpstreamProtocol
+			}
+			if cleartextOnly {
+				return nil, errNotIAM
 			}
 			var first string
 			conv, first, err = startSCRAM(m.AuthMechanisms, password, tc)
@@ -245,6 +254,8 @@ func authenticate(conn net.Conn, startup *pgproto3.StartupMessage, user, passwor
 		}
 	}
 }
+
+var errNotIAM = errors.New("the server asked for a SCRAM or MD5 password, not a cleartext one: it does not check RDS IAM tokens for this user (GRANT rds_iam TO the user)")
 
 // startSCRAM picks the mechanism and starts the conversation: PLUS with
 // tls-server-end-point when the leg is TLS and the server offers it; plain
