@@ -23,6 +23,8 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
+	@# staticcheck, pinned (scripts/staticcheck.sh); the nested deploy module too.
+	SC=$$(scripts/staticcheck.sh) && $$SC $(PKGS) && cd deploy/kubernetes && $$SC ./...
 	@# Unsafe defaults must never ship outside tests (SECURITY-TESTS.md §1).
 	@# An explicit opt-in (PostgreSQL tls: require) is marked on its line with
 	@# "lint:insecure-ok" and a reason; everything else fails.

@@ -113,8 +113,7 @@ func TestDestinationBinding(t *testing.T) {
 		if cr.conn == nil {
 			t.Fatalf("CONNECT evil: %s", cr.resp.Status)
 		}
-		tc, err := h.tlsClient(cr.conn, "evil.test")
-		if err == nil {
+		if _, err := h.tlsClient(cr.conn, "evil.test"); err == nil {
 			t.Fatalf("TLS with SNI evil.test inside a tunnel to 127.0.0.1 succeeded")
 		}
 		cr = h.connect(b, fmt.Sprintf("127.0.0.1:%d", ep))
@@ -123,7 +122,7 @@ func TestDestinationBinding(t *testing.T) {
 		}
 		// Go sends no SNI for an IP literal; the broker binds to the
 		// CONNECT authority.
-		tc, err = h.tlsClient(cr.conn, "127.0.0.1")
+		tc, err := h.tlsClient(cr.conn, "127.0.0.1")
 		if err != nil {
 			t.Fatalf("TLS to 127.0.0.1: %v", err)
 		}

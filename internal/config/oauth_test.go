@@ -302,7 +302,7 @@ rules:
 		mustNotContain(t, "broker log", s.logs.String(), it.Token)
 	}
 	// Not installed there: 503 naming the reason; nothing forwarded.
-	st, body, code := get("/repos/acme/../nope")
+	st, body, _ := get("/repos/acme/../nope")
 	_ = body
 	if st == 200 {
 		t.Errorf("a path walking out of the repository was served")
@@ -315,7 +315,7 @@ rules:
 		}
 		return false
 	}
-	st, body, code = get("/repos/acme/infra")
+	st, body, code := get("/repos/acme/infra")
 	if st != http.StatusServiceUnavailable || code != broker.CodeCredentialUnavailable || !strings.Contains(body, "GitHub App 424242 is not installed on acme/infra") {
 		t.Errorf("not installed: %d %s %s", st, code, body)
 	}

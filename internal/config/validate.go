@@ -14,10 +14,6 @@ import (
 	"github.com/keygate/broker/internal/inject"
 )
 
-// notInThisBuild explains a key that the contract names but this build
-// cannot serve yet; refusing is safer than ignoring it.
-const notInThisBuild = "is not supported by this build of keygate yet"
-
 // validate checks what can be checked without building anything.
 func (c *Config) validate() Problems {
 	ps := append(Problems(nil), c.decodeProblems...)

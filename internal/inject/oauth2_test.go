@@ -464,7 +464,7 @@ func TestOAuth2Wire(t *testing.T) {
 	if gotAuth != "" || got.Get("client_secret") != "" || got.Get("client_assertion_type") != clientAssertionType || got.Get("client_id") != "kg client" {
 		t.Fatalf("private_key_jwt: auth %q form %v", gotAuth, got)
 	}
-	jws, err := jose.ParseSigned(got.Get("client_assertion"), []jose.SignatureAlgorithm{jose.ES256})
+	jws, err := jose.ParseSignedCompact(got.Get("client_assertion"), []jose.SignatureAlgorithm{jose.ES256})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -527,6 +527,7 @@ func (v *Vault) doLogin(ctx context.Context) (uint64, error) {
 		// learn its TTL and whether it renews.
 		r := v.client.NewRequest(http.MethodGet, "/v1/auth/token/lookup-self")
 		r.ClientToken = tok.Reveal()
+		//lint:ignore SA1019 the raw response (status, body size) is needed to summarise failures without echoing bodies; Logical() would parse and wrap them
 		resp, rerr := v.client.RawRequestWithContext(ctx, r)
 		if resp != nil {
 			defer resp.Body.Close()
@@ -573,6 +574,7 @@ func (v *Vault) doLogin(ctx context.Context) (uint64, error) {
 		if jerr := r.SetJSONBody(body); jerr != nil {
 			return fail("encoding the login", nil)
 		}
+		//lint:ignore SA1019 the raw response (status, body size) is needed to summarise failures without echoing bodies; Logical() would parse and wrap them
 		resp, rerr := v.client.RawRequestWithContext(ctx, r)
 		if resp != nil {
 			defer resp.Body.Close()

@@ -37,11 +37,6 @@ func (r hostsResolver) LookupNetIP(_ context.Context, _, host string) ([]netip.A
 
 var loopback = hostsResolver{"example.com": {netip.MustParseAddr("127.0.0.1")}}
 
-func portOfURL(t *testing.T, s *httptest.Server) int {
-	t.Helper()
-	return s.Listener.Addr().(*net.TCPAddr).Port
-}
-
 // transparentGET sends one HTTPS GET over a redirected connection with
 // the given SNI and returns the response (nil when the broker closed the
 // connection instead).
