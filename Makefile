@@ -47,6 +47,10 @@ fuzz: ## each fuzz target for FUZZTIME
 	$(GO) test -run '^$$' -fuzz FuzzSessionName -fuzztime $(FUZZTIME) ./internal/inject/
 	$(GO) test -run '^$$' -fuzz FuzzCompactJSON -fuzztime $(FUZZTIME) ./internal/rules/
 	$(GO) test -run '^$$' -fuzz FuzzVaultPathTemplate -fuzztime $(FUZZTIME) ./internal/inject/
+	$(GO) test -run '^$$' -fuzz FuzzScopesParam -fuzztime $(FUZZTIME) ./internal/inject/
+	$(GO) test -run '^$$' -fuzz FuzzOAuth2TokenResponse -fuzztime $(FUZZTIME) ./internal/inject/
+	$(GO) test -run '^$$' -fuzz FuzzGitHubParams -fuzztime $(FUZZTIME) ./internal/inject/
+	$(GO) test -run '^$$' -fuzz FuzzGitHubTokenResponse -fuzztime $(FUZZTIME) ./internal/inject/
 	$(GO) test -run '^$$' -fuzz FuzzProxyToken -fuzztime $(FUZZTIME) ./internal/attest/
 	$(GO) test -run '^$$' -fuzz FuzzParseProcNetTCP -fuzztime $(FUZZTIME) ./internal/attest/
 	$(GO) test -run '^$$' -fuzz FuzzParseCgroup -fuzztime $(FUZZTIME) ./internal/attest/
