@@ -23,6 +23,10 @@
 //   - A panic while handling one request yields a 500 to that client only.
 //     Header size limits and read-header timeouts apply inside tunnels too,
 //     because each tunnel is served by its own net/http server.
+//   - A response to a request with an injected credential has that
+//     credential's exact forms masked, same length, in headers, trailers
+//     and an identity-encoded body (streamed); compressed bodies and
+//     upgraded streams are not inspected.
 //   - Nothing the workload or an upstream sends, and no credential value, is
 //     copied into a log line verbatim except the request line's host, port
 //     and path (never the query).

@@ -26,6 +26,7 @@ type exchange struct {
 	identity broker.Identity
 	cred     broker.Credential
 	err      *broker.Error
+	out      *statusWriter // the workload's response writer, set by forward
 }
 
 type exchangeKey struct{}
@@ -156,11 +157,18 @@ type statusWriter struct {
 	status int
 	n      int64
 	wrote  bool
+	// contentLength, when set, is restored on a response whose body the
+	// scrubber wrapped (same length; goproxy drops the header).
+	contentLength string
 }
 
 func (w *statusWriter) WriteHeader(code int) {
 	if !w.wrote {
 		w.status, w.wrote = code, true
+		if w.contentLength != "" && code >= 200 && code != http.StatusNoContent && code != http.StatusNotModified &&
+			w.Header().Get("Content-Length") == "" {
+			w.Header().Set("Content-Length", w.contentLength)
+		}
 	}
 	w.ResponseWriter.WriteHeader(code)
 }

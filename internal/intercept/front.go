@@ -82,6 +82,7 @@ func (p *Proxy) forward(w *statusWriter, r *http.Request, x *exchange, host stri
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = countingBody{rc: r.Body, n: &x.rec.BytesIn}
 	}
+	x.out = w
 	p.gp.ServeHTTP(w, r)
 	if x.err == nil {
 		x.rec.Status = w.status
@@ -202,8 +203,10 @@ func (p *Proxy) onRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Request
 	return r, nil
 }
 
-// onResponse stamps the request id and turns a transport failure into the
-// status table of DESIGN.md §7.
+// onResponse stamps the request id, turns a transport failure into the
+// status table of DESIGN.md §7, and, when a credential was injected,
+// scrubs it from the response (T-B3: echo and debug endpoints, error pages
+// that quote the request).
 func (p *Proxy) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Response {
 	x := exchangeFrom(ctx.Req.Context())
 	if x == nil {
@@ -215,6 +218,9 @@ func (p *Proxy) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Res
 			err = broker.NewError(broker.CodeUpstreamUnreachable, "no response from upstream", nil)
 		}
 		return errorResponse(ctx.Req, x.fail(upstreamError(err)), x.rec.RequestID)
+	}
+	if len(x.cred.Fields) > 0 {
+		p.scrubResponse(resp, x, x.out)
 	}
 	resp.Header.Set(HeaderRequestID, x.rec.RequestID)
 	return resp
