@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -31,8 +32,15 @@ rules:
 `
 
 func TestReload(t *testing.T) {
+	// The upstream records what it received: an echo in the response would
+	// be scrubbed by the broker (T-B3) before the client saw it.
+	var seenMu sync.Mutex
+	var seen string
 	up := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		_, _ = io.WriteString(w, r.Header.Get("Authorization"))
+		seenMu.Lock()
+		seen = r.Header.Get("Authorization")
+		seenMu.Unlock()
+		_, _ = io.WriteString(w, "ok")
 	}))
 	defer up.Close()
 	dir := t.TempDir()
@@ -59,8 +67,12 @@ func TestReload(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
+		_, _ = io.ReadAll(resp.Body)
+		seenMu.Lock()
+		defer seenMu.Unlock()
+		auth := seen
+		seen = ""
+		return resp.StatusCode, auth
 	}
 	counter := func(result string) float64 {
 		return testutil.ToFloat64(s.rt.reload.counter.WithLabelValues(result))
