@@ -11,9 +11,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 )
 
@@ -261,6 +263,26 @@ func testTransparentBackend(t *testing.T, backend string) {
 		t.Fatalf("broker: %v\n%s", err, redactCanary(string(b.output())))
 	}
 	caFile := caCert
+
+	t.Run("the broker process is hardened", func(t *testing.T) {
+		// RLIMIT_CORE 0, and not dumpable: the kernel then owns the
+		// process's /proc entries by root although it runs as its own uid.
+		pid := strconv.Itoa(b.cmd.Process.Pid)
+		limits, err := os.ReadFile("/proc/" + pid + "/limits")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !regexp.MustCompile(`(?m)^Max core file size\s+0\s+0\s`).Match(limits) {
+			t.Fatalf("core dumps are not disabled:\n%s", limits)
+		}
+		fi, err := os.Stat("/proc/" + pid + "/mem")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st := fi.Sys().(*syscall.Stat_t); st.Uid != 0 {
+			t.Fatalf("/proc/%s/mem is owned by uid %d: the broker (uid %d) is still dumpable", pid, st.Uid, transparentBrokerUID)
+		}
+	})
 
 	t.Run("https is intercepted and injected", func(t *testing.T) {
 		status, head, body, err := w.curlAs("--cacert", caFile, "-H", "Authorization: Bearer workload-own", "https://allowed.test/v1/repos")

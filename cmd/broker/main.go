@@ -23,6 +23,7 @@ import (
 	"github.com/keygate/broker/configs"
 	"github.com/keygate/broker/internal/broker"
 	"github.com/keygate/broker/internal/config"
+	"github.com/keygate/broker/internal/harden"
 	"github.com/keygate/broker/internal/intercept"
 	"github.com/keygate/broker/internal/intercept/ca"
 )
@@ -131,6 +132,11 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	defer func() { _ = log.Sync() }()
+	// The broker holds credentials in memory: no core dumps, no same-uid
+	// ptrace or /proc/PID/mem (SECURITY-TESTS T-B11).
+	if st, err := harden.Apply(); err != nil {
+		log.Warn("process hardening incomplete", zap.Error(err), zap.Bool("core_limit_zero", st.CoreLimitZero), zap.Bool("not_dumpable", st.NotDumpable))
+	}
 
 	var cfg *config.Config
 	quickstart := *path == ""
