@@ -2,15 +2,7 @@ package testservers
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -251,68 +243,25 @@ func (p *Postgres) PSQL(user, password, sql string) (string, error) {
 // signed, owned by the server's user (PostgreSQL refuses a key readable by
 // others).
 func (p *Postgres) writeTLS(uid, gid int) error {
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return err
-	}
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "keygate test PostgreSQL CA " + randHex(4)},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		return err
-	}
-	caCert, _ := x509.ParseCertificate(caDER)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return err
-	}
 	hosts := p.opts.CertHosts
 	if len(hosts) == 0 {
 		hosts = []string{"127.0.0.1", "localhost"}
 	}
-	leaf := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: hosts[0]},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	for _, h := range hosts {
-		if ip := net.ParseIP(h); ip != nil {
-			leaf.IPAddresses = append(leaf.IPAddresses, ip)
-		} else {
-			leaf.DNSNames = append(leaf.DNSNames, h)
-		}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		return err
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
+	pki, err := newTestPKI("keygate test PostgreSQL CA "+randHex(4), hosts)
 	if err != nil {
 		return err
 	}
 	p.CAFile = filepath.Join(p.Dir, "ca.crt")
 	files := []struct {
 		path string
-		typ  string
-		der  []byte
+		data []byte
 	}{
-		{p.CAFile, "CERTIFICATE", caDER},
-		{filepath.Join(p.Dir, "server.crt"), "CERTIFICATE", der},
-		{filepath.Join(p.Dir, "server.key"), "EC PRIVATE KEY", keyDER},
+		{p.CAFile, pki.CAPEM},
+		{filepath.Join(p.Dir, "server.crt"), pki.CertPEM},
+		{filepath.Join(p.Dir, "server.key"), pki.KeyPEM},
 	}
 	for _, f := range files {
-		if err := os.WriteFile(f.path, pem.EncodeToMemory(&pem.Block{Type: f.typ, Bytes: f.der}), 0o600); err != nil {
+		if err := os.WriteFile(f.path, f.data, 0o600); err != nil {
 			return err
 		}
 		if p.cred != nil {
