@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"os"
 	"net/url"
 	"os/exec"
 	"strings"
@@ -974,6 +975,9 @@ func TestOIDCProxyURLClients(t *testing.T) {
 		}},
 		{"curl", func(t *testing.T) {
 			if _, err := exec.LookPath("curl"); err != nil {
+				if os.Getenv("CI") == "true" {
+					t.Fatalf("curl is required in CI: %v", err)
+				}
 				t.Skip("curl not installed")
 			}
 			out, err := exec.CommandContext(t.Context(), "curl", "-sS", "--noproxy", "", "-x", proxyURL.String(), "http://upstream.invalid/").CombinedOutput()
