@@ -1,7 +1,11 @@
 package broker
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"sort"
+	"strconv"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap/zapcore"
@@ -95,4 +99,22 @@ func sortedKeys(m map[string]string) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// Request ids are a random per-process prefix and a counter: unique across
+// every listener of the process and cheap. They identify a request or a
+// session in the audit log; they are not secrets.
+var (
+	requestIDPrefix = func() string {
+		b := make([]byte, 8)
+		_, _ = rand.Read(b)
+		return hex.EncodeToString(b)
+	}()
+	requestIDSeq atomic.Uint64
+)
+
+// NewRequestID returns the next request id.
+func NewRequestID() string {
+	var b [16]byte
+	return requestIDPrefix + string(strconv.AppendUint(b[:0], requestIDSeq.Add(1)+1<<40, 16)[1:])
 }

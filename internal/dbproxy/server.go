@@ -2,10 +2,8 @@ package dbproxy
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"errors"
 	"net"
 	"net/netip"
@@ -331,19 +329,4 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.wg.Wait()
 	return err
-}
-
-// Request ids: a random per-process prefix and a counter, as the proxy's.
-var (
-	requestIDPrefix = func() string {
-		b := make([]byte, 8)
-		_, _ = rand.Read(b)
-		return hex.EncodeToString(b)
-	}()
-	requestIDSeq atomic.Uint64
-)
-
-func newRequestID() string {
-	var b [16]byte
-	return requestIDPrefix + string(strconv.AppendUint(b[:0], requestIDSeq.Add(1)+1<<40, 16)[1:])
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
-	"encoding/base64"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -12,8 +11,6 @@ import (
 	"maps"
 	"net"
 	"net/netip"
-	"net/url"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -54,7 +51,7 @@ func (s *Server) handle(raw net.Conn) {
 		start: s.opts.Clock.Now(),
 		stop:  make(chan struct{}),
 		rec: broker.Record{
-			RequestID: newRequestID(),
+			RequestID: broker.NewRequestID(),
 			Listener:  s.name,
 			Protocol:  broker.ProtocolPostgres,
 			Host:      s.host,
@@ -390,7 +387,7 @@ func (x *session) finish() {
 		if be.Err != nil {
 			msg += " (" + be.Err.Error() + ")"
 		}
-		x.rec.Error = scrub(msg, x.cred, x.token)
+		x.rec.Error = x.cred.Redact(msg, x.token)
 		if x.rec.Decision == "" || be.Code == broker.CodeDenied || be.Code == broker.CodeUnauthenticated {
 			x.rec.Decision = broker.AuditDeny
 		}
@@ -406,21 +403,6 @@ func (x *session) finish() {
 	if m := s.opts.Metrics; m != nil && m.Requests != nil {
 		m.Requests.WithLabelValues(x.rec.Decision, x.rec.Rule).Inc()
 	}
-}
-
-// scrub removes the credential's values, and common encodings of them,
-// from a string bound for the log.
-func scrub(s string, c broker.Credential, more ...broker.Secret) string {
-	for _, v := range append(slices.Collect(maps.Values(c.Fields)), more...) {
-		raw := v.Reveal()
-		if len(raw) < 4 {
-			continue
-		}
-		for _, form := range []string{raw, url.QueryEscape(raw), base64.StdEncoding.EncodeToString([]byte(raw))} {
-			s = strings.ReplaceAll(s, form, "REDACTED")
-		}
-	}
-	return s
 }
 
 func addrPort(a net.Addr) netip.AddrPort {

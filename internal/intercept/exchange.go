@@ -3,12 +3,9 @@ package intercept
 import (
 	"bufio"
 	"context"
-	"encoding/base64"
 	"io"
 	"net"
 	"net/http"
-	"net/url"
-	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -41,7 +38,7 @@ func exchangeFrom(ctx context.Context) *exchange {
 }
 
 func (p *Proxy) newExchange(listener string) *exchange {
-	return &exchange{pipe: p.pipe.Load(), start: p.opts.Clock.Now(), rec: broker.Record{RequestID: newRequestID(), Listener: listener}}
+	return &exchange{pipe: p.pipe.Load(), start: p.opts.Clock.Now(), rec: broker.Record{RequestID: broker.NewRequestID(), Listener: listener}}
 }
 
 func (x *exchange) setIdentity(id broker.Identity) {
@@ -82,7 +79,7 @@ func (p *Proxy) finish(x *exchange) {
 	}
 	x.rec.Duration = p.opts.Clock.Now().Sub(x.start)
 	if x.err != nil {
-		x.rec.Error = scrub(x.err.Code+": "+x.err.Message+causeSuffix(x.err), x.cred)
+		x.rec.Error = x.cred.Redact(x.err.Code + ": " + x.err.Message + causeSuffix(x.err))
 		if x.rec.Decision == "" {
 			x.rec.Decision = broker.AuditDeny
 		}
@@ -102,22 +99,6 @@ func causeSuffix(e *broker.Error) string {
 		return ""
 	}
 	return " (" + e.Err.Error() + ")"
-}
-
-// scrub removes a credential's values, and their common encodings, from a
-// string bound for the log. Causes come from transports and sources that do
-// not know what is secret, so the log line is cleaned at the last step.
-func scrub(s string, c broker.Credential) string {
-	for _, v := range c.Fields {
-		raw := v.Reveal()
-		if len(raw) < 4 {
-			continue
-		}
-		for _, form := range []string{raw, url.QueryEscape(raw), base64.StdEncoding.EncodeToString([]byte(raw))} {
-			s = strings.ReplaceAll(s, form, "REDACTED")
-		}
-	}
-	return s
 }
 
 // recoverPanic contains a panic to the one exchange: the workload gets a 500

@@ -3,17 +3,14 @@ package intercept
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
 	"net"
 	"net/http"
 	"strconv"
-	"sync/atomic"
 
 	"github.com/keygate/broker/internal/broker"
 	"github.com/keygate/broker/internal/intercept/egress"
@@ -24,22 +21,6 @@ const (
 	HeaderRequestID = "X-Keygate-Request-Id"
 	HeaderError     = "X-Keygate-Error"
 )
-
-// Request ids are a random per-process prefix and a counter: unique and
-// cheap. They identify a request in the audit log; they are not secrets.
-var (
-	requestIDPrefix = func() string {
-		b := make([]byte, 8)
-		_, _ = rand.Read(b)
-		return hex.EncodeToString(b)
-	}()
-	requestIDSeq atomic.Uint64
-)
-
-func newRequestID() string {
-	var b [16]byte
-	return requestIDPrefix + string(strconv.AppendUint(b[:0], requestIDSeq.Add(1)+1<<40, 16)[1:])
-}
 
 type errorBody struct {
 	Error     string `json:"error"`

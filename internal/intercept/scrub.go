@@ -2,10 +2,8 @@ package intercept
 
 import (
 	"bytes"
-	"encoding/base64"
 	"io"
 	"net/http"
-	"net/url"
 	"strings"
 
 	"go.uber.org/zap"
@@ -21,42 +19,14 @@ const msgEchoScrubbed = "upstream echoed the injected credential; scrubbed"
 // on top of the bytes it holds back between reads.
 const scrubBufSize = 32 << 10
 
-// credentialForms returns the exact byte strings that carry c on the wire:
-// each field value, its URL escapes and its base64 (unpadded, so a padded
-// echo is caught by its prefix), and for a user name and password the
-// base64 of "username:password" that Basic auth sends. A user name next to
-// a non-empty password is an identifier, not the secret (Mailgun's is
-// "api"), so it is scrubbed only inside that pair; a user name alone is
-// the key and is scrubbed by itself. Empty values are skipped.
+// credentialForms returns the byte strings that carry c on the wire
+// (broker.Credential.EncodedForms): every value is masked, however short,
+// because here the text is the workload's response, not a log line.
 func credentialForms(c broker.Credential) [][]byte {
-	seen := make(map[string]bool)
-	var out [][]byte
-	add := func(s string) {
-		if s != "" && !seen[s] {
-			seen[s] = true
-			out = append(out, []byte(s))
-		}
-	}
-	addAll := func(raw string) {
-		if raw == "" {
-			return
-		}
-		add(raw)
-		add(url.QueryEscape(raw))
-		add(url.PathEscape(raw))
-		add(base64.RawStdEncoding.EncodeToString([]byte(raw)))
-		add(base64.RawURLEncoding.EncodeToString([]byte(raw)))
-	}
-	user, hasUser := c.Fields[broker.FieldUsername]
-	pass := c.Fields[broker.FieldPassword]
-	for name, v := range c.Fields {
-		if name == broker.FieldUsername && !pass.IsZero() {
-			continue
-		}
-		addAll(v.Reveal())
-	}
-	if hasUser && !user.IsZero() {
-		addAll(user.Reveal() + ":" + pass.Reveal())
+	forms := c.EncodedForms()
+	out := make([][]byte, len(forms))
+	for i, f := range forms {
+		out[i] = []byte(f)
 	}
 	return out
 }

@@ -256,35 +256,6 @@ func TestScrubOnlyWhenInjected(t *testing.T) {
 	}
 }
 
-func TestCredentialForms(t *testing.T) {
-	c := broker.Credential{Fields: map[string]broker.Secret{
-		broker.FieldUsername: broker.NewSecret("api"),
-		broker.FieldPassword: broker.NewSecret("key-1234"),
-	}}
-	forms := map[string]bool{}
-	for _, f := range credentialForms(c) {
-		forms[string(f)] = true
-	}
-	basic := base64.StdEncoding.EncodeToString([]byte("api:key-1234"))
-	for _, want := range []string{"key-1234", strings.TrimRight(basic, "=")} {
-		if !forms[want] {
-			t.Errorf("missing form %q", want)
-		}
-	}
-	if forms["api"] {
-		t.Error("a user name next to a password is scrubbed on its own")
-	}
-	// A user name without a password is the key.
-	c.Fields[broker.FieldPassword] = broker.NewSecret("")
-	found := false
-	for _, f := range credentialForms(c) {
-		found = found || string(f) == "api"
-	}
-	if !found {
-		t.Error("a user name used as the key is not scrubbed")
-	}
-}
-
 // refMask is the reference: every byte inside any occurrence of any
 // needle in in becomes '*'.
 func refMask(in []byte, needles [][]byte) []byte {
