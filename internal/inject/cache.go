@@ -589,14 +589,8 @@ func (c *cache) Close(ctx context.Context) error {
 			}
 		}
 	}
-	done := make(chan struct{})
-	go func() { c.bg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		if err == nil {
-			err = ctx.Err()
-		}
+	if werr := waitCtx(ctx, &c.bg); err == nil {
+		err = werr
 	}
 	return err
 }
@@ -634,4 +628,17 @@ func cacheKey(id broker.Identity, g broker.Grant) string {
 	}
 	put(g.CacheKey(id))
 	return b.String()
+}
+
+// waitCtx waits for wg, or until ctx ends (then it returns ctx's error):
+// background renewals and releases must not hold a shutdown forever.
+func waitCtx(ctx context.Context, wg *sync.WaitGroup) error {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }

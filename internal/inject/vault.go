@@ -433,14 +433,8 @@ func (v *Vault) Close(ctx context.Context) error {
 	v.hasToken = false
 	v.client.ClearToken()
 	v.mu.Unlock()
-	done := make(chan struct{})
-	go func() { v.bg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		if err == nil {
-			err = ctx.Err()
-		}
+	if werr := waitCtx(ctx, &v.bg); err == nil {
+		err = werr
 	}
 	return err
 }
