@@ -64,16 +64,9 @@ type vaultLease struct {
 
 // NewVaultDynamic checks the options; it does no network I/O.
 func NewVaultDynamic(v *Vault, name string, o VaultDynamicOptions) (*VaultDynamic, error) {
-	if v == nil {
-		return nil, fmt.Errorf("inject: credential %q: no vault connection", name)
-	}
-	p, err := ParseVaultPath(o.Path)
+	p, fields, err := vaultSourceOptions(v, name, o.Path, o.Field, o.Fields)
 	if err != nil {
-		return nil, fmt.Errorf("inject: credential %q: %w", name, err)
-	}
-	fields, err := fieldMap(o.Field, o.Fields)
-	if err != nil {
-		return nil, fmt.Errorf("inject: credential %q: %w", name, err)
+		return nil, err
 	}
 	return &VaultDynamic{v: v, name: name, path: p, fields: fields, leases: map[string]*vaultLease{}}, nil
 }

@@ -262,16 +262,9 @@ type vaultKV struct {
 // NewVaultKV returns a source that reads a KV secret for each call (no
 // caching of its own; wrap it with NewCache). It does no network I/O here.
 func NewVaultKV(v *Vault, name string, o VaultKVOptions) (broker.Source, error) {
-	if v == nil {
-		return nil, fmt.Errorf("inject: credential %q: no vault connection", name)
-	}
-	p, err := ParseVaultPath(o.Path)
+	p, fields, err := vaultSourceOptions(v, name, o.Path, o.Field, o.Fields)
 	if err != nil {
-		return nil, fmt.Errorf("inject: credential %q: %w", name, err)
-	}
-	fields, err := fieldMap(o.Field, o.Fields)
-	if err != nil {
-		return nil, fmt.Errorf("inject: credential %q: %w", name, err)
+		return nil, err
 	}
 	switch {
 	case o.KVVersion != 0 && o.KVVersion != 1 && o.KVVersion != 2:
@@ -485,3 +478,20 @@ func (v *Vault) kvMount(ctx context.Context, path string) (kvMountInfo, error) {
 }
 
 var errVaultGarbage = errors.New("vault sent an unexpected response")
+
+// vaultSourceOptions checks what every Vault source needs: a connection, a
+// path template and the field selection.
+func vaultSourceOptions(v *Vault, name, path, field string, fields map[string]string) (*VaultPath, map[string]string, error) {
+	if v == nil {
+		return nil, nil, fmt.Errorf("inject: credential %q: no vault connection", name)
+	}
+	p, err := ParseVaultPath(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("inject: credential %q: %w", name, err)
+	}
+	fm, err := fieldMap(field, fields)
+	if err != nil {
+		return nil, nil, fmt.Errorf("inject: credential %q: %w", name, err)
+	}
+	return p, fm, nil
+}
