@@ -70,6 +70,7 @@ type MinIO struct {
 	env     []string
 	mu      sync.Mutex
 	cmd     *exec.Cmd
+	done    <-chan struct{}
 }
 
 // MinIOOptions tune StartMinIO.
@@ -127,7 +128,7 @@ func (m *MinIO) Start() {
 		"--certs-dir", m.certDir, m.dataDir)
 	cmd.Env = m.env
 	done := startLogged(m.t, "minio", cmd, m.LogFile)
-	m.cmd = cmd
+	m.cmd, m.done = cmd, done
 	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil,
 		TLSClientConfig: &tls.Config{RootCAs: m.CAPool}}}
 	waitHTTP(m.t, "minio", client, "https://127.0.0.1:"+port+"/minio/health/ready", done, m.LogFile)
@@ -161,16 +162,7 @@ func (m *MinIO) Stop() {
 	if m.cmd == nil {
 		return
 	}
-	_ = m.cmd.Process.Kill()
-	// Wait for the port to be free so a restart can bind it.
-	for i := 0; i < 100; i++ {
-		c, err := net.DialTimeout("tcp", m.Addr, 50*time.Millisecond)
-		if err != nil {
-			break
-		}
-		c.Close()
-		time.Sleep(50 * time.Millisecond)
-	}
+	kill(m.cmd, m.done, m.Addr)
 	m.cmd = nil
 }
 

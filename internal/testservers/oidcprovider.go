@@ -64,7 +64,7 @@ type OIDCProvider struct {
 	addr   string
 	mu     sync.Mutex
 	cmd    *exec.Cmd
-	done   chan struct{}
+	done   <-chan struct{}
 }
 
 // npmCacheDir is where scripts/*.sh install npm packages.
@@ -164,41 +164,13 @@ func (p *OIDCProvider) Start() {
 	if p.cmd != nil {
 		return
 	}
-	logf, err := os.OpenFile(p.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		p.t.Fatal(err)
-	}
 	cmd := exec.Command(p.node, serverScript(), p.cfg)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + filepath.Dir(p.cfg),
 		"OIDC_PROVIDER_MODULE=" + p.module, "NODE_ENV=test"}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		p.t.Fatalf("starting oidc-provider: %v", err)
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
-	p.cmd, p.done = cmd, done
+	p.cmd, p.done = cmd, startLogged(p.t, "oidc-provider", cmd, p.LogFile)
 	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil}}
 	defer client.CloseIdleConnections()
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		resp, err := client.Get(p.Issuer + "/.well-known/openid-configuration")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		select {
-		case <-done:
-			log, _ := os.ReadFile(p.LogFile)
-			p.t.Fatalf("oidc-provider exited during start; log:\n%s", log)
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	log, _ := os.ReadFile(p.LogFile)
-	p.t.Fatalf("oidc-provider did not serve discovery within 30s; log:\n%s", log)
+	waitHTTP(p.t, "oidc-provider", client, p.Issuer+"/.well-known/openid-configuration", p.done, p.LogFile)
 }
 
 // Stop ends the provider (SIGKILL) and waits until its port is free.
@@ -208,16 +180,7 @@ func (p *OIDCProvider) Stop() {
 	if p.cmd == nil {
 		return
 	}
-	_ = p.cmd.Process.Kill()
-	<-p.done
-	for i := 0; i < 100; i++ {
-		c, err := net.DialTimeout("tcp", p.addr, 50*time.Millisecond)
-		if err != nil {
-			break
-		}
-		c.Close()
-		time.Sleep(50 * time.Millisecond)
-	}
+	kill(p.cmd, p.done, p.addr)
 	p.cmd = nil
 }
 

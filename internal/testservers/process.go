@@ -1,6 +1,7 @@
 package testservers
 
 import (
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -48,4 +49,19 @@ func waitHTTP(t testing.TB, what string, client *http.Client, url string, done <
 	}
 	log, _ := os.ReadFile(logFile)
 	t.Fatalf("%s did not become ready within 60s; log:\n%s", what, log)
+}
+
+// kill ends a started server (SIGKILL), waits for it to exit (done) and
+// for addr to refuse connections, so a restart can bind it again.
+func kill(cmd *exec.Cmd, done <-chan struct{}, addr string) {
+	_ = cmd.Process.Kill()
+	<-done
+	for i := 0; i < 100; i++ {
+		c, err := net.DialTimeout("tcp", addr, 50*time.Millisecond)
+		if err != nil {
+			return
+		}
+		c.Close()
+		time.Sleep(50 * time.Millisecond)
+	}
 }

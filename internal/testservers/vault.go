@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -91,16 +90,7 @@ func (v *Vault) Stop() {
 	if v.cmd == nil {
 		return
 	}
-	_ = v.cmd.Process.Kill()
-	<-v.done
-	for i := 0; i < 100; i++ {
-		c, err := net.DialTimeout("tcp", v.HostPort, 50*time.Millisecond)
-		if err != nil {
-			break
-		}
-		c.Close()
-		time.Sleep(50 * time.Millisecond)
-	}
+	kill(v.cmd, v.done, v.HostPort)
 	v.cmd = nil
 }
 
