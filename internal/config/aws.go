@@ -132,7 +132,7 @@ func (c *Config) validateSTS(cr Credential, add func(msg string, path ...any)) {
 
 // checkEndpoint wants https, or http for a loopback test endpoint.
 func checkEndpoint(s string) error {
-	return checkServiceURL(s, "an endpoint URL", "on loopback")
+	return inject.CheckServiceURL(s, "an endpoint URL", "on loopback")
 }
 
 // sourceEnv is what building a source may need beyond its own entry.

@@ -158,7 +158,7 @@ func validateScopeList(scopes []string, add func(msg string, path ...any)) {
 func (c *Config) validateOAuth2(cr Credential, add func(msg string, path ...any)) {
 	if cr.TokenURL == "" {
 		add("oauth2 needs token_url (the token endpoint)", "token_url")
-	} else if err := checkServiceURL(cr.TokenURL, "a token endpoint URL (absolute, without credentials, query or fragment)", "on loopback"); err != nil {
+	} else if err := inject.CheckServiceURL(cr.TokenURL, "a token endpoint URL (absolute, without credentials, query or fragment)", "on loopback"); err != nil {
 		add("token_url "+err.Error(), "token_url")
 	}
 	if cr.ClientID == "" {
@@ -224,7 +224,7 @@ func (c *Config) validateGitHubApp(cr Credential, add func(msg string, path ...a
 		c.validateSecretRef("private_key", cr.PrivateKey, add)
 	}
 	if cr.APIURL != "" {
-		if err := checkServiceURL(cr.APIURL, "an API URL", "on loopback"); err != nil {
+		if err := inject.CheckServiceURL(cr.APIURL, "an API URL", "on loopback"); err != nil {
 			add("api_url "+err.Error(), "api_url")
 		}
 	}

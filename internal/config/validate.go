@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"net/url"
 	"strings"
 	"time"
 
@@ -274,25 +273,7 @@ func checkIssuer(s string) error {
 	if s == "" {
 		return fmt.Errorf("is required")
 	}
-	return checkServiceURL(s, "an issuer URL", "for a loopback issuer")
-}
-
-// checkServiceURL wants an absolute https URL without credentials, query
-// or fragment; http only on loopback, where nothing crosses a network.
-func checkServiceURL(s, what, loopbackNote string) error {
-	u, err := url.Parse(s)
-	if err != nil || u.Host == "" || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
-		return fmt.Errorf("%q is not %s", s, what)
-	}
-	switch u.Scheme {
-	case "https":
-		return nil
-	case "http":
-		if ip, err := netip.ParseAddr(u.Hostname()); (err == nil && ip.IsLoopback()) || u.Hostname() == "localhost" {
-			return nil
-		}
-	}
-	return fmt.Errorf("%q must be https (http only %s)", s, loopbackNote)
+	return inject.CheckServiceURL(s, "an issuer URL", "for a loopback issuer")
 }
 
 func validHeaderName(s string) bool {

@@ -10,7 +10,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/netip"
 	"net/url"
 	"os"
 	"strings"
@@ -218,19 +217,14 @@ func CheckVaultAddress(s string) error {
 	if s == "" {
 		return errors.New("address is empty")
 	}
-	u, err := url.Parse(s)
-	if err != nil || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || (u.Path != "" && u.Path != "/") {
-		return fmt.Errorf("address %q is not a Vault URL like https://vault.example:8200", s)
+	const want = "a Vault URL like https://vault.example:8200"
+	if u, err := url.Parse(s); err == nil && u.Path != "" && u.Path != "/" {
+		return fmt.Errorf("address %q is not %s", s, want)
 	}
-	switch u.Scheme {
-	case "https":
-		return nil
-	case "http":
-		if ip, err := netip.ParseAddr(u.Hostname()); (err == nil && ip.IsLoopback()) || u.Hostname() == "localhost" {
-			return nil
-		}
+	if err := CheckServiceURL(s, want, "on loopback"); err != nil {
+		return fmt.Errorf("address %w", err)
 	}
-	return fmt.Errorf("address %q must be https (http only on loopback)", s)
+	return nil
 }
 
 // vaultConfig builds the api.Config without reading the environment
