@@ -172,7 +172,7 @@ func (p *Proxy) serveTransparent(c net.Conn) {
 
 // transparentTLS decides a named TLS connection like a CONNECT.
 func (p *Proxy) transparentTLS(c *peekedConn, br *bufio.Reader, x *exchange, host string, port int) {
-	switch p.decideConnect(x, broker.ProtocolHTTPS, host, port) {
+	switch p.decideConnect(x, broker.ProtocolHTTPS, host, port, true) {
 	case broker.Tunnel:
 		p.spliceTo(context.Background(), c, x, host, port)
 	case broker.Allow:
@@ -185,19 +185,16 @@ func (p *Proxy) transparentTLS(c *peekedConn, br *bufio.Reader, x *exchange, hos
 // TCP. Only a tunnel rule for the original address and port lets it pass.
 func (p *Proxy) transparentOpaque(c *peekedConn, x *exchange, orig netip.AddrPort) {
 	host, port := orig.Addr().Unmap().String(), int(orig.Port())
-	switch p.decideConnect(x, x.rec.Protocol, host, port) {
-	case broker.Tunnel:
+	if p.decideConnect(x, x.rec.Protocol, host, port, false) == broker.Tunnel {
 		p.spliceTo(context.Background(), c, x, host, port)
-	case broker.Allow:
-		x.rec.Decision = ""
-		x.fail(broker.NewError(broker.CodeDenied, "a connection without a TLS server name can only be tunnelled, never intercepted", nil))
 	}
 }
 
 // decideConnect makes the connect-phase decision for a redirected
 // connection and records it; a denial (returned as broker.Deny) is already
-// recorded as the exchange's error.
-func (p *Proxy) decideConnect(x *exchange, protocol, host string, port int) broker.Action {
+// recorded as the exchange's error. Without a name (canIntercept false) an
+// allow that would intercept is a denial: only tunnels pass.
+func (p *Proxy) decideConnect(x *exchange, protocol, host string, port int, canIntercept bool) broker.Action {
 	x.rec.Host, x.rec.Port = host, port
 	if err := p.checkLiteral(host, port); err != nil {
 		x.fail(err)
@@ -210,11 +207,14 @@ func (p *Proxy) decideConnect(x *exchange, protocol, host string, port int) brok
 		x.fail(err)
 		return broker.Deny
 	}
-	switch d.Action {
-	case broker.Tunnel:
+	switch {
+	case d.Action == broker.Tunnel:
 		x.rec.Decision = broker.AuditTunnel
-	case broker.Allow:
+	case d.Action == broker.Allow && canIntercept:
 		x.rec.Decision = broker.AuditAllow
+	case d.Action == broker.Allow:
+		x.fail(broker.NewError(broker.CodeDenied, "a connection without a TLS server name can only be tunnelled, never intercepted", nil))
+		return broker.Deny
 	default:
 		x.fail(broker.NewError(broker.CodeDenied, "no rule allows this connection", nil))
 	}
