@@ -4,21 +4,16 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha1"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
 	"github.com/keygate/broker/internal/testservers"
@@ -96,18 +91,7 @@ rules:
 		t.Fatal("unexpected AWS variables in the broker output")
 	}
 
-	brokerCA := x509.NewCertPool()
-	pem, err := os.ReadFile(h.caPEM())
-	if err != nil {
-		t.Fatal(err)
-	}
-	brokerCA.AppendCertsFromPEM(pem)
-	proxy, _ := url.Parse(b.proxyURL())
-	client := s3.New(s3.Options{Region: "us-east-1", BaseEndpoint: aws.String("https://localhost:" + strconv.Itoa(minioPort)),
-		UsePathStyle: true, RetryMaxAttempts: 1,
-		Credentials: credentials.NewStaticCredentialsProvider("AKIDUMMY", "dummy", ""),
-		HTTPClient: &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(proxy),
-			TLSClientConfig: &tls.Config{RootCAs: brokerCA}}}})
+	client := workloadS3(h, b, minioPort)
 	ctx := context.Background()
 	if _, err := client.CreateBucket(ctx, &s3.CreateBucketInput{Bucket: aws.String("from-spire")}); err != nil {
 		t.Fatalf("CreateBucket through the broker with a JWT-SVID session: %v\nbroker:\n%s", err, b.output())

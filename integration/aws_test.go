@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"io"
@@ -100,22 +99,7 @@ func newAWSWorld(t *testing.T) *awsWorld {
 	w := &awsWorld{h: h, m: m, b: b}
 	t.Cleanup(func() { w.scanFor(t, m.RootPassword) })
 
-	brokerCA := x509.NewCertPool()
-	pem, err := os.ReadFile(h.caPEM())
-	if err != nil {
-		t.Fatal(err)
-	}
-	brokerCA.AppendCertsFromPEM(pem)
-	proxy, _ := url.Parse(b.proxyURL())
-	w.client = s3.New(s3.Options{
-		Region:       "us-east-1",
-		BaseEndpoint: aws.String("https://localhost:" + strconv.Itoa(ports["minio"])),
-		UsePathStyle: true,
-		Credentials:  credentials.NewStaticCredentialsProvider("AKIDUMMYWORKLOAD", "dummy-secret-not-a-credential", ""),
-		HTTPClient: &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(proxy),
-			TLSClientConfig: &tls.Config{RootCAs: brokerCA}}},
-		RetryMaxAttempts: 1,
-	})
+	w.client = workloadS3(h, b, ports["minio"])
 	w.root = s3.New(s3.Options{
 		Region:       "us-east-1",
 		BaseEndpoint: aws.String(m.Endpoint),
@@ -130,6 +114,21 @@ func newAWSWorld(t *testing.T) *awsWorld {
 		}
 	}
 	return w
+}
+
+// workloadS3 is the workload's S3 client: dummy keys, HTTPS_PROXY at the
+// broker, trusting only the broker CA, path-style to https://localhost:port.
+func workloadS3(h *harness, b *brokerProc, port int) *s3.Client {
+	proxy, _ := url.Parse(b.proxyURL())
+	return s3.New(s3.Options{
+		Region:       "us-east-1",
+		BaseEndpoint: aws.String("https://localhost:" + strconv.Itoa(port)),
+		UsePathStyle: true,
+		Credentials:  credentials.NewStaticCredentialsProvider("AKIDUMMYWORKLOAD", "dummy-secret-not-a-credential", ""),
+		HTTPClient: &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(proxy),
+			TLSClientConfig: &tls.Config{RootCAs: h.caPool()}}},
+		RetryMaxAttempts: 1,
+	})
 }
 
 func atoiPort(t *testing.T, addr string) int {
