@@ -2,12 +2,10 @@ package integration
 
 import (
 	"crypto/rand"
-	"crypto/tls"
 	"encoding/hex"
 	"fmt"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -138,38 +136,6 @@ func (w *netnsWorld) curlAs(args ...string) (status int, headers, body string, e
 	return status, head, body, err
 }
 
-// upstreamOn is a recording TLS (or plain) upstream on addr.
-func upstreamOn(t *testing.T, name, addr string, plain bool) *upstream {
-	t.Helper()
-	u := &upstream{name: name}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatalf("listen %s: %v", addr, err)
-	}
-	u.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
-		u.mu.Lock()
-		u.reqs = append(u.reqs, seenRequest{Method: r.Method, Path: r.URL.Path, Host: r.Host,
-			Auth: append([]string(nil), r.Header.Values("Authorization")...), Header: r.Header.Clone()})
-		u.mu.Unlock()
-		fmt.Fprintf(rw, "hello from %s\n", name)
-	}))
-	u.srv.Listener.Close()
-	u.srv.Listener = ln
-	u.srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
-		if s == http.StateNew {
-			u.conns.Add(1)
-		}
-	}
-	if plain {
-		u.srv.Start()
-	} else {
-		u.srv.TLS = &tls.Config{Certificates: []tls.Certificate{upstreamLeaf}, MinVersion: tls.VersionTLS12}
-		u.srv.StartTLS()
-	}
-	t.Cleanup(u.srv.Close)
-	return u
-}
-
 const transparentConfig = `
 listen:
   proxy: 127.0.0.1:0
@@ -201,8 +167,8 @@ func TestTransparentNetns(t *testing.T) {
 func testTransparentBackend(t *testing.T, backend string) {
 	w := newNetnsWorld(t)
 	h := newHarness(t)
-	allowedTLS := upstreamOn(t, "allowed", w.hostIP+":443", false)
-	allowedPlain := upstreamOn(t, "allowed-plain", w.hostIP+":80", true)
+	allowedTLS := upstreamAt(t, "allowed", w.hostIP+":443", false, nil)
+	allowedPlain := upstreamAt(t, "allowed-plain", w.hostIP+":80", true, nil)
 	var evilConns atomic.Int64
 	evil, err := net.Listen("tcp", w.evilIP+":443")
 	if err != nil {

@@ -97,6 +97,13 @@ type upstream struct {
 // request after it is recorded; nil answers 200 "hello from NAME".
 func newUpstream(t *testing.T, name string, next http.Handler) *upstream {
 	t.Helper()
+	return upstreamAt(t, name, "", false, next)
+}
+
+// upstreamAt is newUpstream listening on addr ("" for 127.0.0.1, any
+// port), over TLS or, when plain, over HTTP.
+func upstreamAt(t *testing.T, name, addr string, plain bool, next http.Handler) *upstream {
+	t.Helper()
 	u := &upstream{name: name}
 	if next == nil {
 		next = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -114,14 +121,26 @@ func newUpstream(t *testing.T, name string, next http.Handler) *upstream {
 		u.mu.Unlock()
 		next.ServeHTTP(w, r)
 	}))
-	u.srv.TLS = &tls.Config{Certificates: []tls.Certificate{upstreamLeaf}, MinVersion: tls.VersionTLS12}
+	if addr != "" {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			t.Fatalf("listen %s: %v", addr, err)
+		}
+		u.srv.Listener.Close()
+		u.srv.Listener = ln
+	}
 	u.srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
 		if s == http.StateNew {
 			u.conns.Add(1)
 		}
 	}
 	u.srv.Config.ReadHeaderTimeout = 10 * time.Second
-	u.srv.StartTLS()
+	if plain {
+		u.srv.Start()
+	} else {
+		u.srv.TLS = &tls.Config{Certificates: []tls.Certificate{upstreamLeaf}, MinVersion: tls.VersionTLS12}
+		u.srv.StartTLS()
+	}
 	t.Cleanup(u.srv.Close)
 	return u
 }
