@@ -50,6 +50,8 @@ import (
 	"time"
 
 	jose "github.com/go-jose/go-jose/v4"
+
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // ---- secret watch: tokens and extra credentials must never leak
@@ -87,11 +89,7 @@ func (w *secretWatch) token(tok string) string {
 
 // credential returns a fresh canary credential value and watches it.
 func (w *secretWatch) credential() string {
-	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
-		w.h.t.Fatal(err)
-	}
-	c := "CANARY-" + hex.EncodeToString(b)
+	c := canarytest.New("oidc attest credential (" + w.h.t.Name() + ")")
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.creds = append(w.creds, c)

@@ -3,13 +3,12 @@ package integration
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/x509"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -23,6 +22,8 @@ import (
 	"testing"
 	"text/template"
 	"time"
+
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // testTimeout bounds every client call and every wait in one test.
@@ -53,11 +54,7 @@ type transcriptEntry struct {
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
-	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	h := &harness{t: t, dir: t.TempDir(), canary: "CANARY-" + hex.EncodeToString(b)}
+	h := &harness{t: t, dir: t.TempDir(), canary: canarytest.New("static credential (" + t.Name() + ")")}
 	h.caDir = filepath.Join(h.dir, "broker-ca")
 	res := runBroker(t, nil, "ca", "init", "--dir", h.caDir)
 	if res.code != 0 {
@@ -133,8 +130,10 @@ func secretNeedles(secret string) []string {
 	return needles
 }
 
-// leaks reports which transcript entries and broker outputs contain a
-// spelling of the canary.
+// scanForCanary fails the test when a transcript entry or a broker's
+// output contains a spelling of the canary, and hands both to the
+// suite-wide sweep (canarytest), which also looks for every other
+// registered secret (backend-issued ones included) at the end of the run.
 func (h *harness) scanForCanary() {
 	t := h.t
 	needles := secretNeedles(h.canary)
@@ -150,9 +149,11 @@ func (h *harness) scanForCanary() {
 	defer h.mu.Unlock()
 	for _, e := range h.transcript {
 		check(e.what, e.data)
+		canarytest.Observe("transcript ("+t.Name()+"): "+e.what, e.data)
 	}
 	for _, b := range h.brokers {
 		check("broker output ("+b.name+")", b.output())
+		canarytest.Observe("broker output ("+t.Name()+"/"+b.name+")", b.output())
 	}
 }
 
@@ -161,7 +162,7 @@ func redactCanary(s string) string {
 	return canaryRE.ReplaceAllString(s, "CANARY-<redacted>")
 }
 
-var canaryRE = regexp.MustCompile(`CANARY-[0-9a-f]+`)
+var canaryRE = regexp.MustCompile(`CANARY-[A-Za-z0-9-]+`)
 
 // ---- running the broker CLI
 
@@ -218,6 +219,7 @@ func (s *syncBuffer) Bytes() []byte {
 // brokerProc is a running `broker run`.
 type brokerProc struct {
 	name      string
+	test      string // the test that started it, for sweep sources
 	cmd       *exec.Cmd
 	combined  syncBuffer // stdout and stderr, interleaved
 	stdout    syncBuffer
@@ -317,7 +319,7 @@ func (h *harness) start(spec brokerSpec, ports map[string]int) *brokerProc {
 func (h *harness) launch(spec brokerSpec, args []string, proxy, admin string, env []string) *brokerProc {
 	t := h.t
 	t.Helper()
-	b := &brokerProc{name: spec.name, proxyAddr: proxy, adminAddr: admin, done: make(chan struct{})}
+	b := &brokerProc{name: spec.name, test: t.Name(), proxyAddr: proxy, adminAddr: admin, done: make(chan struct{})}
 	if len(spec.command) > 0 {
 		b.cmd = exec.Command(spec.command[0], spec.command[1:]...)
 	} else {
@@ -377,6 +379,7 @@ func (b *brokerProc) stop(t *testing.T) {
 	if b.exited() {
 		return
 	}
+	b.scrapeMetrics()
 	_ = b.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-b.done:
@@ -392,6 +395,24 @@ func (b *brokerProc) stop(t *testing.T) {
 	if out := b.output(); bytes.Contains(out, []byte("WARNING: DATA RACE")) {
 		t.Errorf("broker %s (built with KEYGATE_E2E_RACE=1) reported a data race:\n%s", b.name, redactCanary(string(out)))
 	}
+}
+
+// scrapeMetrics hands the broker's final /metrics to the secret sweep: a
+// metric label must never carry a credential. A broker without an admin
+// listener (or one that does not answer) has nothing to scrape.
+func (b *brokerProc) scrapeMetrics() {
+	if b.adminAddr == "" {
+		return
+	}
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{Proxy: nil}}
+	defer client.CloseIdleConnections()
+	resp, err := client.Get("http://" + b.adminAddr + "/metrics")
+	if err != nil {
+		return
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	canarytest.Observe("broker metrics ("+b.test+"/"+b.name+")", body)
 }
 
 // auditLine waits for the broker's audit line (message "decision") with

@@ -23,6 +23,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // brokerBin is the broker binary built once by TestMain.
@@ -31,8 +33,11 @@ var brokerBin string
 // moduleRoot is the directory holding go.mod.
 var moduleRoot string
 
+// TestMain runs the suite under the secret sweep (canarytest): broker
+// output, transcripts and metrics scrapes are Observed by the harness, and
+// the test process's own stdout/stderr are captured.
 func TestMain(m *testing.M) {
-	os.Exit(runMain(m))
+	os.Exit(canarytest.Run(func() int { return runMain(m) }))
 }
 
 func runMain(m *testing.M) int {

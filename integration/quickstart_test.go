@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // The quick start's fixed addresses (configs/quickstart.yaml).
@@ -51,6 +53,7 @@ func TestQuickstart(t *testing.T) {
 	if len(h.canary) < 16 {
 		t.Fatalf("demo token is only %d characters", len(h.canary))
 	}
+	canarytest.Register("quickstart demo token", h.canary) // broker-generated: swept too
 
 	stdout := waitFor(t, &b.stdout, "/admin\n")
 	cmds := regexp.MustCompile(`(?m)^\s+(curl --cacert \S+ --proxy \S+ (\S+))$`).FindAllStringSubmatch(stdout, -1)

@@ -27,9 +27,20 @@ const reloadBase = baseConfig + `
 const reloadMarker = "# --- rules and credentials below are rewritten by the test ---\n"
 
 // reloadRules renders config A or B's credentials and rules: rule v-X
-// allows GET /x on the upstream and injects credential cred-X.
+// allows GET /x on the upstream and injects credential cred-X. Config A
+// also allows GET /only-a (rule v-a-only, cred-a), which B denies; both
+// deny every other path (/never).
 func reloadRules(which string, port int) string {
 	lower := strings.ToLower(which)
+	onlyA := ""
+	if which == "A" {
+		onlyA = fmt.Sprintf(`  - name: v-a-only
+    hosts: [localhost]
+    ports: [%d]
+    when: 'request.path == "/only-a"'
+    inject: {credential: cred-a, as: bearer}
+`, port)
+	}
 	return fmt.Sprintf(`credentials:
   cred-%[1]s: {source: static, value: env:KG_E2E_TOKEN_%[2]s}
 rules:
@@ -38,7 +49,7 @@ rules:
     ports: [%[3]d]
     when: 'request.path == "/x"'
     inject: {credential: cred-%[1]s, as: bearer}
-`, lower, which, port)
+%[4]s`, lower, which, port, onlyA)
 }
 
 // reloadBroken are the broken rule sections the test rotates through;
@@ -156,10 +167,15 @@ type load struct {
 // startLoad starts the generator; the test's cleanup stops it. With
 // keepBody the bodies go into the transcript the canary scan reads.
 func (h *harness) startLoad(b *brokerProc, target, what string, keepBody bool) *load {
+	return h.startLoadN(b, target, what, keepBody, 8)
+}
+
+// startLoadN is startLoad with n clients.
+func (h *harness) startLoadN(b *brokerProc, target, what string, keepBody bool, n int) *load {
 	l := &load{}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	for g := 0; g < 8; g++ {
+	for g := 0; g < n; g++ {
 		client := h.goClient(b)
 		wg.Add(1)
 		go func() {
@@ -206,12 +222,16 @@ func (l *load) results() []loadResult {
 	return append([]loadResult(nil), l.done...)
 }
 
-// TestReloadUnderLoad: 50 alternating good/broken reloads (atomic file
-// rewrites seen by the directory watch, and SIGHUP) while 8 keep-alive
-// clients send GET /x through intercepted tunnels. Every request succeeds,
-// every upstream request carries exactly one credential of the old or the
-// new config, every decision pairs the rule with its own credential, the
-// reload counters move, and the final config decides the last requests.
+// TestReloadUnderLoad (F-10): 50 alternating good/broken reloads (atomic
+// file rewrites seen by the directory watch, and SIGHUP) while 8 keep-alive
+// clients send GET /x through intercepted tunnels, and 2 more each send
+// GET /only-a (A allows it, B denies it) and GET /never (both deny it).
+// Every /x request succeeds, every upstream request carries exactly one
+// credential of the old or the new config, every decision pairs the rule
+// with its own credential (none from a half-applied rule set), every
+// /only-a decision is A's (200, cred A) or B's (403), /never is always
+// refused and never forwarded (0 allow-on-error), the reload counters move,
+// and the final config decides the last requests.
 func TestReloadUnderLoad(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
@@ -253,7 +273,11 @@ func TestReloadUnderLoad(t *testing.T) {
 	// The load generator: 8 keep-alive clients, until told to stop.
 	target := fmt.Sprintf("https://localhost:%d/x", port)
 	load := h.startLoad(b, target, "reload load GET /x", true)
-	stopLoad := load.stop
+	onlyATarget := fmt.Sprintf("https://localhost:%d/only-a", port)
+	loadOnlyA := h.startLoadN(b, onlyATarget, "reload load GET /only-a", true, 2)
+	loadNever := h.startLoadN(b, fmt.Sprintf("https://localhost:%d/never", port), "reload load GET /never", true, 2)
+	loadStart := time.Now()
+	stopLoad := func() { load.stop(); loadOnlyA.stop(); loadNever.stop() }
 
 	// 50 reloads: B, broken, A, broken, ... Steps 1 and 2 of every four are
 	// signalled with SIGHUP right after the write (a quick step); steps 0
@@ -297,6 +321,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	}
 	time.Sleep(600 * time.Millisecond)
 	stopLoad()
+	loadTime := time.Since(loadStart)
 
 	// The last requests are decided by the final config.
 	final := h.goClient(b)
@@ -396,17 +421,81 @@ func TestReloadUnderLoad(t *testing.T) {
 		t.Errorf("credential fingerprints A %q, B %q: want two different non-empty values", fa, fb)
 	}
 
-	// Every upstream request: exactly one Authorization, A's or B's.
+	// /only-a: A's decision (200 with cred A under rule v-a-only) or B's
+	// (403 denied, no rule); /never: always B's and A's 403.
+	audit = b.auditLines()
+	onlyAAllowed, onlyADenied, neverDenied := 0, 0, 0
+	judge := func(path string, r loadResult, allowOK bool) {
+		fail := func(format string, args ...any) {
+			failed++
+			if failed <= 20 {
+				t.Errorf("load GET %s: %s", path, redactCanary(fmt.Sprintf(format, args...)))
+			}
+		}
+		if r.err != nil {
+			fail("error: %v", r.err)
+			return
+		}
+		line := audit[r.requestID]
+		if line == nil {
+			fail("no audit line for request id %q", r.requestID)
+			return
+		}
+		switch {
+		case allowOK && r.status == http.StatusOK && r.body == "cred A" &&
+			line["rule"] == "v-a-only" && line["credential.name"] == "cred-a" && line["decision"] == "allow":
+			onlyAAllowed++
+		case r.status == http.StatusForbidden && line["decision"] == "deny" && line["error"] != nil:
+			var e keygateError
+			if json.Unmarshal([]byte(r.body), &e) != nil || e.Error != "denied" || e.Rule != "" {
+				fail("403 body %q, want the no-rule denial", r.body)
+				return
+			}
+			if allowOK {
+				onlyADenied++
+			} else {
+				neverDenied++
+			}
+		default:
+			fail("status %d body %q, audit rule %v credential %v decision %v: neither A's nor B's decision",
+				r.status, r.body, line["rule"], line["credential.name"], line["decision"])
+		}
+	}
+	resOnlyA, resNever := loadOnlyA.results(), loadNever.results()
+	for _, r := range resOnlyA {
+		judge("/only-a", r, true)
+	}
+	for _, r := range resNever {
+		judge("/never", r, false)
+	}
+	if onlyAAllowed == 0 || onlyADenied == 0 {
+		t.Errorf("GET /only-a decided under A %d times, under B %d times; want both", onlyAAllowed, onlyADenied)
+	}
+	if neverDenied == 0 {
+		t.Errorf("no GET /never was answered")
+	}
+
+	// Every upstream request: exactly one Authorization, A's or B's; /never
+	// never arrives; /only-a only ever with A's credential.
 	reqs := up.requests()
-	if len(reqs) < seenA+seenB {
-		t.Errorf("upstream received %d requests, fewer than the %d answered", len(reqs), seenA+seenB)
+	if len(reqs) < seenA+seenB+onlyAAllowed {
+		t.Errorf("upstream received %d requests, fewer than the %d answered", len(reqs), seenA+seenB+onlyAAllowed)
 	}
 	for i, r := range reqs {
 		if len(r.Auth) != 1 || (r.Auth[0] != bearerA && r.Auth[0] != bearerB) {
 			t.Errorf("upstream request %d: Authorization %s, want exactly one of A's or B's",
 				i, describeAuth(r.Auth, bearerA))
 		}
+		switch {
+		case r.Path == "/never":
+			t.Errorf("upstream request %d: GET /never was forwarded (both configs deny it)", i)
+		case r.Path == "/only-a" && (len(r.Auth) != 1 || r.Auth[0] != bearerA):
+			t.Errorf("upstream request %d: GET /only-a forwarded without A's credential (only A allows it)", i)
+		}
 	}
+	total := len(res) + len(resOnlyA) + len(resNever)
+	t.Logf("F-10: %d requests in %v (%.0f/s): /x A %d B %d; /only-a allowed (A) %d denied (B) %d; /never denied %d; upstream %d requests, 0 without or with a foreign credential allowed",
+		total, loadTime.Round(time.Millisecond), float64(total)/loadTime.Seconds(), seenA, seenB, onlyAAllowed, onlyADenied, neverDenied, len(reqs))
 
 	// The counters moved both ways; the rejections were logged.
 	fail, succ := b.metric(t, failSeries)-fail0, b.metric(t, successSeries)-succ0

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/keygate/broker/internal/canarytest"
 	"github.com/keygate/broker/internal/testservers"
 )
 
@@ -31,6 +32,7 @@ func TestVaultKVThroughBroker(t *testing.T) {
 		v.Must("POST", "auth/approle/role/keygate", map[string]any{"token_policies": []string{"keygate"}, "token_ttl": "10m"})
 		roleID = v.Must("GET", "auth/approle/role/keygate/role-id", nil)["data"].(map[string]any)["role_id"].(string)
 		secretID = v.Must("POST", "auth/approle/role/keygate/secret-id", nil)["data"].(map[string]any)["secret_id"].(string)
+		canarytest.Register("vault approle secret-id", secretID) // Vault-issued: swept too
 		v.Must("POST", "secret/data/app/github", map[string]any{"data": map[string]any{"token": h.canary}})
 		return roleID, secretID
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/keygate/broker/internal/broker"
 )
@@ -20,14 +21,22 @@ type CIDR struct {
 	entries []CIDREntry
 }
 
-// NewCIDR validates the entries: every entry needs an id and at least one
-// prefix, and a prefix may belong to one identity only, so an address never
-// has two names.
+// NewCIDR validates the entries: every entry needs an id without ':' (so it
+// can never equal a SPIFFE ID, a token subject or a process identity) and
+// at least one prefix, and a prefix may belong to one identity only, so an
+// address never has two names.
 func NewCIDR(entries []CIDREntry) (*CIDR, error) {
 	seen := map[netip.Prefix]string{}
 	for i, e := range entries {
 		if e.ID == "" {
 			return nil, fmt.Errorf("attest: cidr identity %d: id is empty", i)
+		}
+		if strings.ContainsRune(e.ID, ':') {
+			// SPIFFE IDs, token subjects (repo:..., system:serviceaccount:...)
+			// and process identities (unix:uid:...) all contain ':'; a
+			// network position must never carry a name a rule wrote for a
+			// proven identity (SECURITY-TESTS T-F1).
+			return nil, fmt.Errorf("attest: cidr identity %q: an id must not contain ':' (it would look like a SPIFFE ID or a token subject)", e.ID)
 		}
 		if len(e.CIDRs) == 0 {
 			return nil, fmt.Errorf("attest: cidr identity %q: no cidrs", e.ID)

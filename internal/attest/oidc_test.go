@@ -30,6 +30,7 @@ import (
 	jose "github.com/go-jose/go-jose/v4"
 
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // The test-local issuer below stands in for the real GitHub Actions
@@ -379,7 +380,7 @@ func TestOIDCAttestAccepts(t *testing.T) {
 }
 
 func TestOIDCAttestRejects(t *testing.T) {
-	canary := "CANARY-" + rand.Text()
+	canary := canarytest.New("attest oidc claim")
 	clock := newFakeClock()
 	rk := rsaTestKey(0, "rsa-1")
 	ek := ecTestKey(t, "ec-1")

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 func basicOf(userPass string) string {
@@ -74,6 +75,7 @@ func TestProxyToken(t *testing.T) {
 
 func TestProxyTokenErrorNeverLeaks(t *testing.T) {
 	const canary = "CANARY-4f1b9c2d7e"
+	canarytest.Register("attest proxy-auth credential", canary)
 	for _, h := range []string{
 		"Bearer " + canary + " extra",
 		"Basic " + canary + "!!",

@@ -9,9 +9,11 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/keygate/broker/internal/canarytest"
 )
 
-const canary = "CANARY-secret-value-1234"
+var canary = canarytest.New("broker secret")
 
 func TestSecretNeverPrints(t *testing.T) {
 	s := NewSecret(canary)

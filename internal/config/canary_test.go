@@ -9,16 +9,17 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/keygate/broker/internal/canarytest"
 	"github.com/keygate/broker/internal/intercept/ca"
 )
 
 // The secret values below are what env: and file: references resolve to.
 // Whatever goes wrong in the file, no Problem may quote them, in plain or in
-// base64 form.
-const (
-	canaryEnv  = "CANARY-xyz-env-3f9a"
-	canaryFile = "CANARY-xyz-file-77c1"
-	canaryPEM  = "CANARY-xyz-pem-0b2d"
+// base64 form. They are registered for the suite-wide sweep (canarytest).
+var (
+	canaryEnv  = canarytest.New("config env secret")
+	canaryFile = canarytest.New("config file secret")
+	canaryPEM  = canarytest.New("config pem secret")
 )
 
 func canaryForms() []string {

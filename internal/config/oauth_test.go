@@ -20,6 +20,7 @@ import (
 	jose "github.com/go-jose/go-jose/v4"
 
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 	"github.com/keygate/broker/internal/testservers"
 )
 
@@ -109,7 +110,7 @@ func (rs *resourceServer) seen() (int, int, map[string]any) {
 }
 
 func TestOAuth2FromConfig(t *testing.T) {
-	clientSecret := "CANARY-oauth-client-secret-" + fmt.Sprint(time.Now().UnixNano())
+	clientSecret := canarytest.New("config oauth client secret")
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // These tests build a real broker from a config file (DryRun false): real
@@ -168,8 +169,8 @@ func TestRuntimeServesConfig(t *testing.T) {
 	plainSrv := httptest.NewServer(plainUp.handler())
 	defer plainSrv.Close()
 
-	const fileSecret = "CANARY-xyz-runtime-file"
-	const envSecret = "CANARY-xyz-runtime-env"
+	fileSecret := canarytest.New("config runtime file secret")
+	envSecret := canarytest.New("config runtime env secret")
 	dir := t.TempDir()
 	writeCertPEM(t, dir, "trust/upstream.pem", tlsSrv.Certificate())
 	writeFile(t, dir, "secrets/token", fileSecret+"\n", 0o600)

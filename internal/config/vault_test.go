@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/keygate/broker/internal/canarytest"
 	"github.com/keygate/broker/internal/testservers"
 )
 
@@ -86,7 +87,7 @@ rules:
 func TestRuntimeVault(t *testing.T) {
 	vs := testservers.StartVault(t)
 	pg := testservers.StartPostgres(t)
-	apiKey := "CANARY-vault-runtime-" + fmt.Sprint(time.Now().UnixNano())
+	apiKey := canarytest.New("config vault api key")
 	vs.MustEventually("POST", "secret/data/app/github", map[string]any{"data": map[string]any{"token": apiKey}})
 	vs.Must("POST", "sys/mounts/database", map[string]any{"type": "database"})
 	vs.Must("POST", "database/config/pg", map[string]any{

@@ -18,11 +18,12 @@ import (
 
 	"github.com/keygate/broker/internal/attest"
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 	"github.com/keygate/broker/internal/rules"
 	"github.com/keygate/broker/internal/testservers"
 )
 
-const clientCanary = "CANARY-client-password-7731"
+var clientCanary = canarytest.New("dbproxy client password")
 
 func upstreamOf(pg *testservers.Postgres) string { return fmt.Sprintf("127.0.0.1:%d", pg.Port) }
 
@@ -450,7 +451,7 @@ func TestPGUpstreamVerifyFull(t *testing.T) {
 // createRoleOn makes a scram login role on another cluster.
 func createRoleOn(t testing.TB, pg *testservers.Postgres, prefix string) (string, string) {
 	t.Helper()
-	user, pw := prefix+"_"+randomHex(t, 4), "pw-"+randomHex(t, 10)
+	user, pw := prefix+"_"+randomHex(t, 4), canarytest.New("dbproxy role password ("+prefix+")")
 	a := adminConn(t, pg)
 	defer a.Close(context.Background())
 	mustExec(t, a, `CREATE DATABASE app`)

@@ -27,6 +27,7 @@ import (
 
 	"github.com/keygate/broker/internal/attest"
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 	"github.com/keygate/broker/internal/inject"
 	"github.com/keygate/broker/internal/intercept/ca"
 	"github.com/keygate/broker/internal/intercept/egress"
@@ -93,10 +94,15 @@ var shared struct {
 	md5PW, pwPW string
 }
 
+// TestMain runs the package under the suite-wide secret sweep
+// (canarytest); the shared cluster is stopped before the sweep so its
+// shutdown output is included.
 func TestMain(m *testing.M) {
-	code := m.Run()
-	shared.tb.runCleanups()
-	os.Exit(code)
+	os.Exit(canarytest.Run(func() int {
+		code := m.Run()
+		shared.tb.runCleanups()
+		return code
+	}))
 }
 
 // The shared cluster's extra users: md5user authenticates with md5,
@@ -123,7 +129,7 @@ func sharedPG(t testing.TB) *testservers.Postgres {
 		admin := adminConn(t, shared.pg)
 		defer admin.Close(context.Background())
 		mustExec(t, admin, `CREATE DATABASE app`)
-		shared.md5PW, shared.pwPW = "md5-"+randomHex(t, 8), "pw-"+randomHex(t, 8)
+		shared.md5PW, shared.pwPW = canarytest.New("dbproxy md5user password"), canarytest.New("dbproxy pwuser password")
 		mustExec(t, admin, `SET password_encryption = 'md5'`)
 		mustExec(t, admin, fmt.Sprintf(`CREATE ROLE md5user LOGIN PASSWORD '%s'`, shared.md5PW))
 		mustExec(t, admin, `RESET password_encryption`)
@@ -163,7 +169,7 @@ var roleSeq atomic.Int64
 func createRole(t testing.TB, pg *testservers.Postgres, prefix string, md5 bool) (user, password string) {
 	t.Helper()
 	user = fmt.Sprintf("%s_%d_%d", prefix, os.Getpid()%10000, roleSeq.Add(1))
-	password = "pw-" + randomHex(t, 10)
+	password = canarytest.New("dbproxy role password (" + prefix + ")")
 	admin := adminConn(t, pg)
 	defer admin.Close(context.Background())
 	if md5 {
@@ -327,7 +333,8 @@ func startBroker(t testing.TB, spec brokerSpec) *testBroker {
 	}
 	logs := &syncBuffer{}
 	enc := zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig())
-	log := zap.New(zapcore.NewCore(enc, logs, zapcore.DebugLevel))
+	// The broker's log is also swept for every registered canary.
+	log := zap.New(zapcore.NewTee(zapcore.NewCore(enc, logs, zapcore.DebugLevel), canarytest.ZapCore("dbproxy log ("+t.Name()+")")))
 	tb := &testBroker{dialer: newCountingDialer(), logs: logs}
 	o := Options{
 		Database:       spec.db,

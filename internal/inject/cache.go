@@ -63,7 +63,23 @@ type CacheOptions struct {
 	// the lease (max TTL reached), the entry is not renewed again and ends
 	// as it would have.
 	Renew func(ctx context.Context, c broker.Credential) (time.Time, error)
+	// Refresh, when positive, replaces a stored credential (one without a
+	// Release) in the background once a hit finds it within Refresh of its
+	// Expires; the old one keeps being served until its Margin, so a
+	// backend outage during the refresh window costs nothing. A failed
+	// refresh is retried by a hit at most every refreshRetry.
+	Refresh time.Duration
 }
+
+// RefreshHinter is implemented by sources whose credentials need a larger
+// margin or an early refresh than the cache's options give (aws_sts:
+// STSMargin, STSRefresh). NewCache takes the larger of each.
+type RefreshHinter interface {
+	CacheHints() (margin, refresh time.Duration)
+}
+
+// refreshRetry spaces background refresh attempts after a failure.
+const refreshRetry = 30 * time.Second
 
 // Closer is implemented by sources that hold something until they are
 // closed: the cache (stored leases) and the Vault connection (its login).
@@ -117,6 +133,10 @@ func NewCache(name string, src broker.Source, o CacheOptions) broker.Source {
 	if o.FetchTimeout <= 0 {
 		o.FetchTimeout = DefaultFetchTimeout
 	}
+	if h, ok := src.(RefreshHinter); ok {
+		m, r := h.CacheHints()
+		o.Margin, o.Refresh = max(o.Margin, m), max(o.Refresh, r)
+	}
 	o.Metrics.init(name)
 	f := fetcher{name: name, src: src, clock: o.Clock, metrics: o.Metrics, timeout: o.FetchTimeout}
 	if o.TTL <= 0 {
@@ -129,6 +149,7 @@ func NewCache(name string, src broker.Source, o CacheOptions) broker.Source {
 		max:      o.MaxEntries,
 		share:    o.ShareLeases,
 		renew:    o.Renew,
+		refresh:  o.Refresh,
 		entries:  make(map[string]*list.Element),
 		order:    list.New(),
 		draining: make(map[*entry]struct{}),
@@ -204,7 +225,9 @@ type cache struct {
 	max    int
 	share  bool
 	renew  func(ctx context.Context, c broker.Credential) (time.Time, error)
-	sf     singleflight.Group
+	// refresh: see CacheOptions.Refresh.
+	refresh time.Duration
+	sf      singleflight.Group
 
 	mu       sync.Mutex
 	entries  map[string]*list.Element // of *entry
@@ -219,6 +242,14 @@ type entry struct {
 	key   string
 	cred  broker.Credential // private copy; Release is always nil
 	until time.Time
+
+	// Early refresh (CacheOptions.Refresh), entries without a lease only:
+	// the caller and grant that made it, whether a refresh is running, and
+	// when one may start again after a failure.
+	id           broker.Identity
+	grant        broker.Grant
+	refreshing   bool
+	refreshAfter time.Time
 
 	// Shared leases only (release != nil).
 	release   func(context.Context) // the source's Release; run exactly once
@@ -271,7 +302,7 @@ func (c *cache) Credential(ctx context.Context, id broker.Identity, g broker.Gra
 			return nil, err
 		}
 		if cred.Release != nil && c.share {
-			if e := c.store(key, cred, c.f.clock.Now()); e != nil {
+			if e := c.store(key, cred, c.f.clock.Now(), id, g); e != nil {
 				cred.Release = nil
 				return flight{cred: cred, ent: e}, nil
 			}
@@ -289,7 +320,7 @@ func (c *cache) Credential(ctx context.Context, id broker.Identity, g broker.Gra
 			}
 			return flight{private: true}, nil
 		}
-		c.store(key, cred, c.f.clock.Now())
+		c.store(key, cred, c.f.clock.Now(), id, g)
 		return flight{cred: cred}, nil
 	})
 
@@ -376,7 +407,15 @@ func (c *cache) lookup(key string, now time.Time, hold bool) (broker.Credential,
 	}
 	cred := cloneCred(e.cred)
 	if e.release == nil {
+		refresh := c.wantsRefreshLocked(e, now)
+		if refresh {
+			e.refreshing = true
+			c.bg.Add(1)
+		}
 		c.mu.Unlock()
+		if refresh {
+			go c.refreshEntry(e)
+		}
 		return cred, nil, true
 	}
 	if !hold {
@@ -394,6 +433,43 @@ func (c *cache) lookup(key string, now time.Time, hold bool) (broker.Credential,
 		go c.renewEntry(e, cloneCred(cred))
 	}
 	return cred, nil, true
+}
+
+// wantsRefreshLocked: early refresh is on, the credential has an expiry
+// and is inside the refresh window, and no refresh is running or backing
+// off.
+func (c *cache) wantsRefreshLocked(e *entry, now time.Time) bool {
+	return c.refresh > 0 && !c.closed && !e.refreshing && !e.cred.Expires.IsZero() &&
+		!now.Before(e.cred.Expires.Add(-c.refresh)) && !now.Before(e.refreshAfter)
+}
+
+// refreshEntry fetches a replacement for e in the background; on success
+// the new credential replaces e, on failure e keeps serving until its
+// margin and a later hit tries again after refreshRetry.
+func (c *cache) refreshEntry(e *entry) {
+	defer c.bg.Done()
+	ctx, cancel := context.WithTimeout(context.Background(), c.f.timeout)
+	cred, err := c.f.fetch(ctx, e.id, e.grant)
+	cancel()
+	if err == nil && cred.Release != nil {
+		// A lease is never stored by a refresh (leases renew instead).
+		c.f.release(cred)
+		err = errors.New("refresh returned a lease")
+	}
+	now := c.f.clock.Now()
+	if err == nil {
+		c.mu.Lock()
+		el, ok := c.entries[e.key]
+		current := ok && el.Value.(*entry) == e
+		c.mu.Unlock()
+		if current && c.store(e.key, cred, now, e.id, e.grant) != nil {
+			return
+		}
+	}
+	c.mu.Lock()
+	e.refreshing = false
+	e.refreshAfter = now.Add(refreshRetry)
+	c.mu.Unlock()
 }
 
 // wantsRenewal: past half of the lease's current lifetime, and the lease
@@ -509,7 +585,7 @@ func (c *cache) dispose(e *entry) {
 // and returns its entry. A credential already inside its margin is not
 // stored (but still used by the callers of this flight, since it has not
 // expired), nor is anything once the cache is closed.
-func (c *cache) store(key string, cred broker.Credential, now time.Time) *entry {
+func (c *cache) store(key string, cred broker.Credential, now time.Time, id broker.Identity, g broker.Grant) *entry {
 	until := now.Add(c.ttl)
 	ttlEnd := until
 	if !cred.Expires.IsZero() {
@@ -520,7 +596,21 @@ func (c *cache) store(key string, cred broker.Credential, now time.Time) *entry 
 	if !now.Before(until) {
 		return nil
 	}
+	// With early refresh, keep what a refresh needs, and no more: the
+	// request's path, query and headers are not retained (sources read the
+	// target outside the cache, through WithParams, whose results are in
+	// Params).
 	e := &entry{key: key, cred: cloneCred(cred), until: until}
+	if c.refresh > 0 {
+		g.Target = broker.Target{Phase: g.Target.Phase, Protocol: g.Target.Protocol, Host: g.Target.Host, Port: g.Target.Port}
+		e.id, e.grant = id, g
+	}
+	if c.refresh > 0 && !cred.Expires.IsZero() && !now.Before(cred.Expires.Add(-c.refresh)) {
+		// Born inside its refresh window (a short lifetime, or this clock
+		// is ahead of the issuer's, F-17): refreshing at once would fetch
+		// the same again, back to back; wait refreshRetry as after a failure.
+		e.refreshAfter = now.Add(refreshRetry)
+	}
 	if cred.Release != nil {
 		e.release, e.ttlEnd, e.renewedAt = cred.Release, ttlEnd, now
 		e.cred.Release = nil

@@ -118,6 +118,12 @@
 //
 // The cache never serves a stale or failed credential. An entry lives
 // min(TTL, Expires-Margin) and is checked against the Clock on every hit.
+// With CacheOptions.Refresh (aws_sts sets it through RefreshHinter: margin
+// 60s, refresh 5m) a hit inside the refresh window starts one background
+// replacement; the old credential is served until its margin, so an STS
+// outage in that window costs nothing, and is never served after it. The
+// sigv4 injector itself refuses a credential within 60s of its Expires
+// (MinSigV4Lifetime, 503), whatever path it came by.
 // A credential the source returns already expired is an error (and is
 // released). A fresh credential already inside its margin is handed to the
 // callers that waited for it but not stored. Errors are never cached.

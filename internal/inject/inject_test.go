@@ -3,9 +3,7 @@ package inject
 import (
 	"bufio"
 	"bytes"
-	"crypto/rand"
 	"encoding/base64"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
@@ -17,30 +15,32 @@ import (
 	"testing"
 
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // canary returns a unique marker to put inside secret values; no error or
-// printed form may ever contain it.
+// printed form may ever contain it. It is registered for the suite-wide
+// sweep (canarytest).
 func canary(t testing.TB) string {
 	t.Helper()
-	b := make([]byte, 8)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return "CANARY-" + hex.EncodeToString(b)
+	return canarytest.New("inject (" + t.Name() + ")")
 }
 
-// assertNoCanary fails if any printed form of v contains c.
+// assertNoCanary fails if any printed form of v contains c; every printed
+// form is also handed to the suite-wide sweep. Messages name the verb, not
+// the text: the text holds the secret.
 func assertNoCanary(t *testing.T, c string, vs ...any) {
 	t.Helper()
-	for _, v := range vs {
+	for i, v := range vs {
 		for _, verb := range []string{"%v", "%+v", "%#v", "%s", "%q"} {
-			if s := fmt.Sprintf(verb, v); strings.Contains(s, c) {
-				t.Fatalf("secret canary leaked through %s: %s", verb, s)
+			s := fmt.Sprintf(verb, v)
+			canarytest.ObserveString("inject printed value ("+t.Name()+")", s)
+			if strings.Contains(s, c) {
+				t.Fatalf("secret canary leaked through %s of value #%d (%T)", verb, i, v)
 			}
 		}
 		if err, ok := v.(error); ok && strings.Contains(err.Error(), c) {
-			t.Fatalf("secret canary leaked through Error(): %s", err.Error())
+			t.Fatalf("secret canary leaked through Error() of value #%d (%T)", i, v)
 		}
 	}
 }

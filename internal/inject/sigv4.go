@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
@@ -38,6 +39,11 @@ const (
 	payloadSignedStreamingPrefix = "STREAMING-AWS4-"
 	emptySHA256                  = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 )
+
+// MinSigV4Lifetime: the sigv4 injector refuses a credential that expires
+// within this long (503 credential_unavailable). The aws_sts cache drops
+// entries at the same point and refreshes them earlier (STSRefresh).
+const MinSigV4Lifetime = 60 * time.Second
 
 // ErrBadSigV4Option is wrapped by SigV4's errors.
 var ErrBadSigV4Option = errors.New("invalid sigv4 option")
@@ -114,6 +120,13 @@ var s3Family = map[string]bool{"s3": true, "s3-object-lambda": true, "s3-outpost
 
 func (s *sigv4) Inject(r *http.Request, c broker.Credential) error {
 	// Validate everything first; nothing is changed until signing.
+	if !c.Expires.IsZero() && !s.clock.Now().Before(c.Expires.Add(-MinSigV4Lifetime)) {
+		// A request signed now may reach AWS after the session ended, and
+		// the caches refresh well before this point: refuse, never send a
+		// credential this close to its end (SECURITY-TESTS §4).
+		return &broker.Error{Code: broker.CodeCredentialUnavailable,
+			Message: fmt.Sprintf("credential %q expires within %s; it is not injected", c.Name, MinSigV4Lifetime)}
+	}
 	akid, err := field(c, broker.FieldAccessKeyID)
 	if err != nil {
 		return err

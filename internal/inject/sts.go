@@ -40,6 +40,19 @@ const (
 	maxSessionPolicy   = 2048 // packed size is checked by STS; this bounds what we send
 )
 
+// Cache hints of an aws_sts source (RefreshHinter): a cached session is
+// replaced in the background from STSRefresh before its Expiration and is
+// no longer served within STSMargin of it, which is also where the sigv4
+// injector refuses it (MinSigV4Lifetime). Sessions last at least 15
+// minutes, so both leave most of a session's life usable.
+const (
+	STSRefresh = 5 * time.Minute
+	STSMargin  = MinSigV4Lifetime
+)
+
+// CacheHints implements RefreshHinter.
+func (*stsSource) CacheHints() (margin, refresh time.Duration) { return STSMargin, STSRefresh }
+
 // Grant parameters an aws_sts source reads. A decorator (WithParams) fills
 // them per request from the credential's session_policy and session_tags
 // expressions, so they are part of the cache key (T-B7): two requests whose
@@ -174,7 +187,12 @@ func ValidateRoleARN(arn string) error {
 
 func (s *stsSource) Credential(ctx context.Context, id broker.Identity, g broker.Grant) (broker.Credential, error) {
 	session := SessionName(id)
-	policy := g.Params[ParamSessionPolicy]
+	policy, scoped := g.Params[ParamSessionPolicy]
+	if scoped && strings.TrimSpace(policy) == "" {
+		// A configured session policy that came out empty must not mint an
+		// unscoped session: fail closed.
+		return broker.Credential{}, errors.New("inject: aws_sts: the session policy is empty; refusing to mint a session without it")
+	}
 	if len(policy) > maxSessionPolicy {
 		return broker.Credential{}, fmt.Errorf("inject: aws_sts: session policy is %d bytes, more than STS accepts (%d)", len(policy), maxSessionPolicy)
 	}

@@ -743,7 +743,8 @@ func vaultReason(err error) string {
 }
 
 // vaultError is the *broker.Error for a failed call on behalf of credential
-// cred: 503 credential_unavailable whose message names the operation and
+// cred: 503 credential_unavailable (502 credential_malformed for a bad
+// answer, see vaultBadAnswer) whose message names the operation and
 // the path, and a cause that holds the same summary (never a body, a token
 // or a full lease id).
 func (v *Vault) vaultError(cred, op string, err error) error {
@@ -754,5 +755,18 @@ func (v *Vault) vaultError(cred, op string, err error) error {
 	if isVaultStatus(err, http.StatusTooManyRequests) {
 		be.RetryAfter = time.Second
 	}
+	if vaultBadAnswer(err) {
+		be.Code = broker.CodeCredentialMalformed
+	}
 	return be
+}
+
+// vaultBadAnswer reports whether Vault did answer, but with something
+// that is no usable answer (too large, not JSON, not the expected shape):
+// 502 credential_malformed rather than 503 (SECURITY-TESTS F-03).
+func vaultBadAnswer(err error) bool {
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	return errors.Is(err, errVaultTooLarge) || errors.Is(err, errVaultGarbage) ||
+		errors.As(err, &se) || errors.As(err, &te)
 }

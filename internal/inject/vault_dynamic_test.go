@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 	"github.com/keygate/broker/internal/testservers"
 )
 
@@ -63,6 +64,7 @@ path "secret/data/*" { capabilities = ["read"] }
 func (l *dbLab) canLogin(c broker.Credential) error {
 	u, _ := c.Field(broker.FieldUsername)
 	p, _ := c.Field(broker.FieldPassword)
+	canarytest.Register("vault dynamic postgres password", p.Reveal()) // Vault-issued: swept too
 	out, err := l.pg.PSQL(u.Reveal(), p.Reveal(), "SELECT current_user")
 	if err == nil && out != u.Reveal() {
 		return fmt.Errorf("logged in as %q", out)
@@ -246,7 +248,7 @@ func TestVaultDynamicErrors(t *testing.T) {
 	})
 	t.Run("a missing field gives the lease back", func(t *testing.T) {
 		_, err := dynSource(t, v, VaultDynamicOptions{Fields: map[string]string{"password": "passwd"}}).Credential(context.Background(), vaultCaller, broker.Grant{})
-		be := vaultErrCode(t, err, broker.CodeCredentialUnavailable)
+		be := vaultErrCode(t, err, broker.CodeCredentialMalformed) // Vault answered without the key (F-03)
 		if !strings.Contains(be.Message, `"passwd"`) || !strings.Contains(be.Message, "database/creds/app-ro") {
 			t.Fatalf("message %q", be.Message)
 		}

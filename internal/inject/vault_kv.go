@@ -389,7 +389,9 @@ func secretFields(cred, path string, data map[string]any, want map[string]string
 		key := want[f]
 		raw, ok := data[key]
 		if !ok {
-			return nil, &broker.Error{Code: broker.CodeCredentialUnavailable,
+			// Vault answered, and the answer lacks the value: a bad answer
+			// (502), like an empty or non-string value (SECURITY-TESTS F-03).
+			return nil, &broker.Error{Code: broker.CodeCredentialMalformed,
 				Message: fmt.Sprintf("credential %q: field %q: the secret at %s has no key %q", cred, f, path, key)}
 		}
 		s, ok := scalarString(raw)

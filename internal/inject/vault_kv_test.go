@@ -102,7 +102,7 @@ func TestVaultKV(t *testing.T) {
 	}{
 		{"missing path", VaultKVOptions{Path: "secret/data/app/nope", Field: "api_key"}, broker.CodeCredentialUnavailable, []string{"secret/data/app/nope"}},
 		{"missing v1 path", VaultKVOptions{Path: "kv1/app/nope", Field: "api_key"}, broker.CodeCredentialUnavailable, []string{"kv1/app/nope"}},
-		{"missing field", VaultKVOptions{Path: "secret/data/app/key", Fields: map[string]string{"password": "passwd"}}, broker.CodeCredentialUnavailable, []string{"secret/data/app/key", `"password"`, `"passwd"`}},
+		{"missing field", VaultKVOptions{Path: "secret/data/app/key", Fields: map[string]string{"password": "passwd"}}, broker.CodeCredentialMalformed, []string{"secret/data/app/key", `"password"`, `"passwd"`}},
 		{"missing version", VaultKVOptions{Path: "secret/data/app/key", Field: "api_key", Version: 9}, broker.CodeCredentialUnavailable, []string{"version 9"}},
 		{"not a string", VaultKVOptions{Path: "secret/data/app/key", Field: "nested"}, broker.CodeCredentialMalformed, []string{`"nested"`}},
 		{"empty value", VaultKVOptions{Path: "secret/data/app/key", Field: "empty"}, broker.CodeCredentialMalformed, []string{"empty"}},

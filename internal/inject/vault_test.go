@@ -24,6 +24,7 @@ import (
 	"github.com/go-jose/go-jose/v4"
 
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 	"github.com/keygate/broker/internal/testservers"
 )
 
@@ -364,6 +365,7 @@ func TestVaultNoRedirectFollow(t *testing.T) {
 }
 
 // F-01..F-03 at the source: every failure is a 503 credential_unavailable
+// (502 credential_malformed when Vault answered with garbage)
 // within a bounded time, with at most two attempts per call, and no secret,
 // token or response body in the error.
 func TestVaultFaults(t *testing.T) {
@@ -407,7 +409,11 @@ func TestVaultFaults(t *testing.T) {
 			if d := time.Since(start); d > 2500*time.Millisecond {
 				t.Fatalf("took %s", d)
 			}
-			be := vaultErrCode(t, err, broker.CodeCredentialUnavailable)
+			want := broker.CodeCredentialUnavailable
+			if name == "not JSON" || name == "oversized" {
+				want = broker.CodeCredentialMalformed // Vault answered, with garbage (F-03)
+			}
+			be := vaultErrCode(t, err, want)
 			assertNoCanary(t, c, err, be.Message)
 			assertNoCanary(t, tok, err, be.Message)
 			if n := hits.Load(); n > 2 {
@@ -585,6 +591,7 @@ func (l *vaultLab) enableAppRole(t testing.TB, policy string, extra map[string]a
 	l.Must("POST", "auth/approle/role/broker", role)
 	roleID := l.Must("GET", "auth/approle/role/broker/role-id", nil)["data"].(map[string]any)["role_id"].(string)
 	secretID := l.Must("POST", "auth/approle/role/broker/secret-id", nil)["data"].(map[string]any)["secret_id"].(string)
+	canarytest.Register("vault approle secret-id", secretID) // Vault-issued: swept too
 	return l.file(t, "role-id", roleID), l.file(t, "secret-id", secretID)
 }
 

@@ -20,6 +20,21 @@
 //   - Leaves are minted only after a rule allowed the host.
 //   - Hop-by-hop headers, Proxy-Authorization and keygate's own headers are
 //     stripped before injection; the injector owns its slot exclusively.
+//   - Every workload HTTP/1 connection (front door, tunnel, redirected) is
+//     read through a framing guard (framing.go) that refuses, with 400 and
+//     a close, what Go's parser would hide or accept ambiguously: obs-fold,
+//     Transfer-Encoding on HTTP/1.0 or beside Content-Length, malformed
+//     chunk lines (bare LF or CR) and trailers. A refused request is never
+//     decided, minted for or forwarded; a refusal ends the connection,
+//     including any request still in flight on it. A refused request shape
+//     (checkInbound) and a CONNECT that is not hijacked also end it.
+//   - Upgrade never reaches an upstream, so no connection becomes raw
+//     bytes: an upstream's 101 is answered 502, and Upgrade/Connection on
+//     any other response are removed (no rule enables WebSocket yet).
+//   - TRACE, TRACK and any request with Max-Forwards are answered 405. A
+//     duplicated Content-Type, an Authorization pair not replaced by an
+//     injection, and "." or ".." path segments (plain or encoded) are
+//     refused, so a rule and an upstream cannot read different values.
 //   - A panic while handling one request yields a 500 to that client only.
 //     Header size limits and read-header timeouts apply inside tunnels too,
 //     because each tunnel is served by its own net/http server.

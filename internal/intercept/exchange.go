@@ -73,9 +73,7 @@ func (p *Proxy) setCredential(x *exchange, c broker.Credential) {
 // finish releases the credential and writes the one audit line.
 func (p *Proxy) finish(x *exchange) {
 	if x.cred.Release != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		x.cred.Release(ctx)
-		cancel()
+		p.release(x)
 	}
 	x.rec.Duration = p.opts.Clock.Now().Sub(x.start)
 	if x.err != nil {
@@ -92,6 +90,23 @@ func (p *Proxy) finish(x *exchange) {
 		m.Requests.WithLabelValues(x.rec.Decision, x.rec.Rule).Inc()
 		m.Duration.Observe(x.rec.Duration.Seconds())
 	}
+}
+
+// release runs the credential's Release with the same containment as a
+// handler: finish runs after recoverPanic, so a panic here would reach
+// net/http, which logs the panic value (it could hold the credential).
+func (p *Proxy) release(x *exchange) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	defer func() {
+		if v := recover(); v != nil {
+			p.log.Error("panic while releasing a credential",
+				zap.String("request_id", x.rec.RequestID),
+				zap.String("panic_type", typeName(v)),
+				zap.Stack("stack"))
+		}
+	}()
+	x.cred.Release(ctx)
 }
 
 func causeSuffix(e *broker.Error) string {

@@ -1,6 +1,7 @@
 package intercept
 
 import (
+	"crypto/tls"
 	"net"
 	"net/http"
 	"net/netip"
@@ -20,8 +21,13 @@ func (p *Proxy) serveFront(rw http.ResponseWriter, r *http.Request) {
 	defer p.finish(x)
 	defer p.recoverPanic(w, x)
 
+	if r.Method == http.MethodConnect {
+		// The framing guard stops reading a connection after a CONNECT
+		// head; any answer that does not hijack it must end it.
+		w.Header().Set("Connection", "close")
+	}
 	if err := checkInbound(r); err != nil {
-		writeError(w, x.fail(err), x.rec.RequestID)
+		refuseAndClose(w, x.fail(err), x.rec.RequestID)
 		return
 	}
 	id, err := x.pipe.Attest(r.Context(), evidence(p.opts.Listener, r))
@@ -107,6 +113,14 @@ func evidence(listener string, r *http.Request) broker.Evidence {
 	ev := broker.Evidence{Listener: listener, TLS: r.TLS}
 	if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
 		ev.Conn = c
+		// net/http sets r.TLS only for a bare *tls.Conn; the framing guard
+		// wraps it, so the handshake state (an X509-SVID) is read here.
+		if fc, ok := c.(*framingConn); ok && ev.TLS == nil {
+			if tc, ok := fc.Conn.(*tls.Conn); ok {
+				st := tc.ConnectionState()
+				ev.TLS = &st
+			}
+		}
 	}
 	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
 		ev.Remote = ap
@@ -137,6 +151,10 @@ func (p *Proxy) onConnect(authority string, ctx *goproxy.ProxyCtx) (*goproxy.Con
 	}
 	host, port, err := SplitHostPort(authority, 443)
 	if err != nil {
+		if portZero(authority) {
+			// T-A6: a port no rule can name is a policy refusal, not a typo.
+			return reject(broker.NewError(broker.CodePortDenied, "port 0 cannot be connected to", nil))
+		}
 		return reject(broker.NewError(broker.CodeBadRequest, "invalid CONNECT authority", err))
 	}
 	x.rec.Host, x.rec.Port = host, port
@@ -193,12 +211,16 @@ func (p *Proxy) onRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Request
 	if err != nil {
 		return r, errorResponse(r, x.fail(err), x.rec.RequestID)
 	}
+	if cred.Name != "" {
+		p.setCredential(x, cred)
+	} else if len(r.Header["Authorization"]) > 1 {
+		// Not replaced by an injection, two values would reach an upstream
+		// that may read either (T-B9).
+		return r, errorResponse(r, x.fail(broker.NewError(broker.CodeBadRequest, "more than one Authorization", nil)), x.rec.RequestID)
+	}
 	x.rec.Decision = broker.AuditAllow
 	if d.Action == broker.Tunnel {
 		x.rec.Decision = broker.AuditTunnel
-	}
-	if cred.Name != "" {
-		p.setCredential(x, cred)
 	}
 	return r, nil
 }
@@ -212,6 +234,12 @@ func (p *Proxy) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Res
 	if x == nil {
 		return resp
 	}
+	if x.err != nil && resp != nil {
+		// The broker's own refusal (errorResponse): nothing reached an
+		// upstream, and its fields (Proxy-Authenticate on a 407) are meant
+		// for this hop.
+		return resp
+	}
 	if resp == nil {
 		err := ctx.Error
 		if err == nil {
@@ -219,6 +247,18 @@ func (p *Proxy) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Res
 		}
 		return errorResponse(ctx.Req, x.fail(upstreamError(err)), x.rec.RequestID)
 	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		// Upgrade never reaches an upstream (stripHopByHop), so a 101 was
+		// not asked for: switching to raw bytes here would carry the
+		// workload's later bytes past every decision (T-C5).
+		_ = resp.Body.Close()
+		return errorResponse(ctx.Req, x.fail(broker.NewError(broker.CodeUpstreamUnreachable,
+			"the upstream switched protocols unasked", nil)), x.rec.RequestID)
+	}
+	// Hop-by-hop fields are the upstream's, not the workload's; an Upgrade
+	// left on a 200 would also make goproxy hijack the workload's
+	// connection as if for a WebSocket.
+	stripResponseHopByHop(resp.Header)
 	if len(x.cred.Fields) > 0 {
 		p.scrubResponse(resp, x, x.out)
 	}
@@ -263,4 +303,13 @@ func (p *Proxy) delegate(r *http.Request, id broker.Identity) (broker.Identity, 
 	}
 	id.Delegator = del
 	return id, nil
+}
+
+// portZero reports whether authority ends in ":0" (any number of zeros).
+func portZero(authority string) bool {
+	i := strings.LastIndexByte(authority, ':')
+	if i < 0 || i == len(authority)-1 || strings.HasSuffix(authority[:i], ":") {
+		return false
+	}
+	return strings.Trim(authority[i+1:], "0") == ""
 }

@@ -3,11 +3,9 @@ package intercept
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
@@ -25,10 +23,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/prometheus/common/expfmt"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/keygate/broker/internal/attest"
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 	"github.com/keygate/broker/internal/inject"
 	"github.com/keygate/broker/internal/intercept/ca"
 	"github.com/keygate/broker/internal/intercept/egress"
@@ -135,17 +135,16 @@ type harnessOpts struct {
 	resolver    egress.Resolver // default net.DefaultResolver
 }
 
-func newCanary() string {
-	b := make([]byte, 8)
-	_, _ = rand.Read(b)
-	return "CANARY-" + hex.EncodeToString(b)
-}
+// newCanary is a credential value registered for the suite-wide sweep.
+func newCanary(label string) string { return canarytest.New(label) }
 
 func newHarness(t *testing.T, o harnessOpts) *harness {
 	t.Helper()
-	h := &harness{t: t, canary: newCanary(), reg: prometheus.NewRegistry()}
-	core, logs := observer.New(zap.DebugLevel)
+	h := &harness{t: t, canary: newCanary("intercept token (" + t.Name() + ")"), reg: prometheus.NewRegistry()}
+	obsCore, logs := observer.New(zap.DebugLevel)
 	h.logs = logs
+	// Every log and audit entry is also swept for every registered canary.
+	core := zapcore.NewTee(obsCore, canarytest.ZapCore("intercept log ("+t.Name()+")"))
 	h.metrics = NewMetrics(h.reg)
 	authority, err := ca.Ephemeral("", broker.SystemClock{})
 	if err != nil {
@@ -266,16 +265,19 @@ func (h *harness) assertNoCanary() {
 	h.seenMu.Unlock()
 	metricsText, _ := testutil.CollectAndFormat(h.reg, expfmt.TypeTextPlain)
 	texts = append(texts, string(metricsText))
-	for _, s := range texts {
+	canarytest.Observe("intercept metrics ("+h.t.Name()+")", metricsText)
+	for i, s := range texts {
 		for _, f := range forms {
 			if strings.Contains(s, f) {
-				h.t.Errorf("canary leaked: %q", s)
+				// The text is not printed: it holds the secret.
+				h.t.Errorf("canary leaked in captured text #%d of %d (logs, responses, metrics)", i, len(texts))
 			}
 		}
 	}
 }
 
 func (h *harness) record(s string) {
+	canarytest.ObserveString("intercept response ("+h.t.Name()+")", s)
 	h.seenMu.Lock()
 	h.seen = append(h.seen, s)
 	h.seenMu.Unlock()

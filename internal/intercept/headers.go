@@ -50,6 +50,42 @@ func stripHopByHop(h http.Header) {
 	}
 }
 
+// hopByHopCanonical is hopByHop in net/http's canonical spelling: a parsed
+// response's field names are canonical (or invalid, and then no hop-by-hop
+// name), so a lookup needs no lower-casing.
+var hopByHopCanonical = func() map[string]bool {
+	m := make(map[string]bool, len(hopByHop))
+	for k := range hopByHop {
+		m[http.CanonicalHeaderKey(k)] = true
+	}
+	return m
+}()
+
+// stripResponseHopByHop removes from a response the hop-by-hop fields and
+// those its Connection names.
+func stripResponseHopByHop(h http.Header) {
+	var named []string
+	for _, v := range h["Connection"] {
+		for _, tok := range strings.Split(v, ",") {
+			if tok = strings.TrimSpace(tok); tok != "" {
+				named = append(named, tok)
+			}
+		}
+	}
+	for k := range h {
+		if hopByHopCanonical[k] {
+			delete(h, k)
+			continue
+		}
+		for _, n := range named {
+			if strings.EqualFold(k, n) {
+				delete(h, k)
+				break
+			}
+		}
+	}
+}
+
 func hasInternalPrefix(lk string) bool {
 	for _, p := range internalPrefixes {
 		if strings.HasPrefix(lk, p) {
@@ -61,20 +97,65 @@ func hasInternalPrefix(lk string) bool {
 
 // checkInbound rejects request shapes that a later hop could read
 // differently (SECURITY-TESTS.md §3): header names with whitespace or other
-// non-token bytes, and Transfer-Encoding on HTTP/1.0.
+// non-token bytes, TRACE and Max-Forwards. Shapes net/http normalises away
+// before a handler runs (Transfer-Encoding on HTTP/1.0, an obs-folded
+// Transfer-Encoding) are refused on the wire by the framing guard.
 func checkInbound(r *http.Request) error {
 	for k := range r.Header {
 		if !httpguts.ValidHeaderFieldName(k) {
 			return broker.NewError(broker.CodeBadRequest, "invalid header field name", nil)
 		}
 	}
-	if r.ProtoMajor == 1 && r.ProtoMinor == 0 && len(r.TransferEncoding) > 0 {
-		return broker.NewError(broker.CodeBadRequest, "Transfer-Encoding is not allowed on HTTP/1.0", nil)
-	}
 	if r.Method == http.MethodTrace || r.Method == "TRACK" {
 		return broker.NewError(broker.CodeMethodNotAllowed, "TRACE is not forwarded", nil)
 	}
+	// A rule judges the path as sent; an upstream that resolves "." and
+	// ".." would serve another one ("/public/../admin"), so dot-segments,
+	// plain or percent-encoded, are refused rather than left to differ.
+	if hasDotSegment(r.URL.Path) {
+		return broker.NewError(broker.CodeBadRequest, "dot-segments in the request path", nil)
+	}
+	// Singleton fields a rule may read: with two values the rule and the
+	// upstream could each pick a different one (T-B9). Host, Content-Length
+	// and Transfer-Encoding duplicates net/http already refuses.
+	if len(r.Header["Content-Type"]) > 1 {
+		return broker.NewError(broker.CodeBadRequest, "more than one Content-Type", nil)
+	}
+	// Max-Forwards asks a hop to answer TRACE or OPTIONS itself (RFC 9110
+	// §7.6.2); keygate answers neither, and forwarding it would let a
+	// workload probe the path behind the broker (T-B3).
+	for k := range r.Header {
+		if strings.EqualFold(k, "Max-Forwards") {
+			return broker.NewError(broker.CodeMethodNotAllowed, "Max-Forwards is not supported", nil)
+		}
+	}
 	return nil
+}
+
+// hasDotSegment reports whether a "/"-separated path has a "." or ".."
+// segment.
+func hasDotSegment(p string) bool {
+	for len(p) > 0 {
+		i := strings.IndexByte(p, '/')
+		seg := p
+		if i >= 0 {
+			seg, p = p[:i], p[i+1:]
+		} else {
+			p = ""
+		}
+		if seg == "." || seg == ".." {
+			return true
+		}
+	}
+	return false
+}
+
+// refuseAndClose answers a request whose shape was refused and ends the
+// connection: what follows it on the wire may have been framed for another
+// reader (T-D3), so no further request is read from it.
+func refuseAndClose(w http.ResponseWriter, e *broker.Error, requestID string) {
+	w.Header().Set("Connection", "close")
+	writeError(w, e, requestID)
 }
 
 // ruleHeaders is the request.headers map rules see: lower-case names,

@@ -147,7 +147,7 @@ func (p *Proxy) serveConn(c net.Conn, h http.Handler) {
 		MaxHeaderBytes:    p.limits.MaxHeaderBytes,
 		ErrorLog:          httpErrorLog(p.log),
 	}
-	ln := newOneConnListener(c)
+	ln := newOneConnListener(p.guardFraming(c))
 	srv.ConnState = ln.connState
 	untrack, ok := p.trackInner(srv, ln)
 	if !ok {
@@ -186,11 +186,11 @@ func (p *Proxy) innerHandler(tun *exchange, host string, port int) http.Handler 
 		defer p.recoverPanic(w, x)
 
 		if err := checkInbound(r); err != nil {
-			writeError(w, x.fail(err), x.rec.RequestID)
+			refuseAndClose(w, x.fail(err), x.rec.RequestID)
 			return
 		}
 		if r.Method == http.MethodConnect {
-			writeError(w, x.fail(broker.NewError(broker.CodeMethodNotAllowed, "CONNECT inside a tunnel is not allowed", nil)), x.rec.RequestID)
+			refuseAndClose(w, x.fail(broker.NewError(broker.CodeMethodNotAllowed, "CONNECT inside a tunnel is not allowed", nil)), x.rec.RequestID)
 			return
 		}
 		if err := bindDestination(r, host, port); err != nil {
@@ -250,8 +250,9 @@ func (c *peekedConn) Read(b []byte) (int, error) { return c.r.Read(b) }
 
 // oneConnListener hands one connection to an http.Server and then blocks
 // until that connection is closed (or the listener is, on shutdown), so
-// Serve returns when the tunnel ends. It never wraps the *tls.Conn, so
-// requests keep r.TLS.
+// Serve returns when the tunnel ends. The connection it hands over is
+// wrapped by the framing guard, so requests inside a tunnel have no r.TLS
+// (nothing there reads it: the tunnel was attested at CONNECT).
 type oneConnListener struct {
 	conn     net.Conn
 	state    atomic.Int32 // http.ConnState of the connection

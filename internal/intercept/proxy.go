@@ -220,7 +220,7 @@ func (l goproxyLogger) Printf(format string, _ ...any) {
 
 // Serve accepts workload connections on ln until Shutdown.
 func (p *Proxy) Serve(ln net.Listener) error {
-	err := p.srv.Serve(ln)
+	err := p.srv.Serve(framingListener{Listener: ln, p: p})
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}

@@ -90,6 +90,7 @@ func writeRawError(w io.Writer, e *broker.Error, requestID string) {
 func upstreamError(err error) *broker.Error {
 	var be *broker.Error
 	var ne net.Error
+	var dnsErr *net.DNSError
 	var unknownCA x509.UnknownAuthorityError
 	var hostErr x509.HostnameError
 	var invalid x509.CertificateInvalidError
@@ -106,6 +107,10 @@ func upstreamError(err error) *broker.Error {
 	case errors.As(err, &unknownCA), errors.As(err, &hostErr), errors.As(err, &invalid),
 		errors.As(err, &verify), errors.As(err, &recordErr), errors.As(err, &alert):
 		return broker.NewError(broker.CodeUpstreamTLS, "the upstream TLS certificate could not be verified", err)
+	case errors.As(err, &dnsErr):
+		// SERVFAIL, NXDOMAIN or a resolver timeout: the upstream was never
+		// contacted, so it is unreachable (502), not slow (504).
+		return broker.NewError(broker.CodeUpstreamUnreachable, "the upstream could not be reached", err)
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
 		return broker.NewError(broker.CodeUpstreamTimeout, "the upstream did not answer in time", err)
 	default:

@@ -235,11 +235,11 @@ func (p *Proxy) transparentHTTP(c *peekedConn, conn *exchange, orig netip.AddrPo
 		defer p.finish(x)
 		defer p.recoverPanic(w, x)
 		if err := checkInbound(r); err != nil {
-			writeError(w, x.fail(err), x.rec.RequestID)
+			refuseAndClose(w, x.fail(err), x.rec.RequestID)
 			return
 		}
 		if r.Method == http.MethodConnect || r.URL.IsAbs() {
-			writeError(w, x.fail(broker.NewError(broker.CodeBadRequest, "a redirected connection carries origin-form requests only", nil)), x.rec.RequestID)
+			refuseAndClose(w, x.fail(broker.NewError(broker.CodeBadRequest, "a redirected connection carries origin-form requests only", nil)), x.rec.RequestID)
 			return
 		}
 		host, hp, err := SplitHostPort(r.Host, port)

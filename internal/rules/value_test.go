@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 func TestCompileValue(t *testing.T) {
@@ -90,7 +91,7 @@ func TestValueEval(t *testing.T) {
 
 // A JSON error must not echo the request data it was built from.
 func TestValueErrorHasNoData(t *testing.T) {
-	const canary = "CANARY-path-7f3a"
+	canary := canarytest.New("rules path value")
 	v, err := CompileValue(`'{"Resource": "' + request.path`, ValueJSON, Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -52,6 +52,8 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // GitHubInstallation is one installation of the app on an account.
@@ -101,10 +103,14 @@ func NewGitHub(t testing.TB, appID string, installs ...GitHubInstallation) *GitH
 	if err != nil {
 		t.Fatal(err)
 	}
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(k)})
+	// The sweep looks for a line of the key body: any copy of the PEM (or
+	// of its base64) contains it.
+	canarytest.Register("github-app-private-key", strings.Split(string(keyPEM), "\n")[2])
 	return &GitHub{
 		AppID:         appID,
 		Key:           k,
-		KeyPEM:        pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(k)}),
+		KeyPEM:        keyPEM,
 		TokenTTL:      time.Hour,
 		installations: installs,
 		issued:        map[string]*IssuedToken{},
@@ -264,6 +270,7 @@ func (g *GitHub) Handler() http.Handler {
 			Installation: in.ID, Account: in.Account, Repos: repos, Perms: perms,
 			ExpiresAt: g.now().Add(g.TokenTTL).UTC().Truncate(time.Second),
 		}
+		canarytest.Register("github-installation-token", it.Token)
 		g.mu.Lock()
 		g.issued[it.Token] = it
 		g.mu.Unlock()

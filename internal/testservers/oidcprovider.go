@@ -16,6 +16,8 @@ import (
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	jose "github.com/go-jose/go-jose/v4"
+
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // OIDCProviderVersion must match scripts/oidc-provider.sh and
@@ -118,6 +120,11 @@ func StartOIDCProvider(t testing.TB, o OIDCProviderOptions) *OIDCProvider {
 	p.TokenURL = p.Issuer + "/token"
 	p.JWKSURL = p.Issuer + "/jwks"
 	clients := o.Clients
+	for _, c := range clients {
+		if c.Secret != "" {
+			canarytest.Register("oidc-client-secret ("+c.ID+")", c.Secret)
+		}
+	}
 	if clients == nil {
 		clients = []OIDCClient{}
 	}

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // Postgres is a throwaway PostgreSQL cluster (initdb into a temp dir) on
@@ -112,7 +114,7 @@ func StartPostgresWith(t testing.TB, o PostgresOptions) *Postgres {
 			missing(t, "psql not found; apt-get install -y postgresql-client")
 		}
 	}
-	p := &Postgres{Host: "127.0.0.1", User: "postgres", Password: "pg-" + randHex(12), t: t, bin: bin, psql: psql, opts: o}
+	p := &Postgres{Host: "127.0.0.1", User: "postgres", Password: canarytest.New("postgres-superuser"), t: t, bin: bin, psql: psql, opts: o}
 	dir, err := os.MkdirTemp("", "keygate-pg-")
 	if err != nil {
 		t.Fatal(err)

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/keygate/broker/internal/canarytest"
 )
 
 // VaultVersion must match scripts/vault.sh.
@@ -44,7 +46,7 @@ func StartVault(t testing.TB) *Vault {
 	dir := t.TempDir()
 	v := &Vault{
 		HostPort:  freeAddr(t),
-		RootToken: "root-" + randHex(12),
+		RootToken: canarytest.New("vault-root-token"),
 		LogFile:   filepath.Join(dir, "vault.log"),
 		t:         t,
 		bin:       bin,
