@@ -3,6 +3,8 @@ package inject
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -15,6 +17,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/aws/retry"
 	awsconfig "github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/sts"
 	ststypes "github.com/aws/aws-sdk-go-v2/service/sts/types"
@@ -142,6 +145,9 @@ func NewSTS(ctx context.Context, name string, o STSOptions) (broker.Source, erro
 		so.Region = o.Region
 		so.HTTPClient = o.HTTPClient
 		so.RetryMaxAttempts = 2
+		so.Retryer = retry.NewStandard(func(ro *retry.StandardOptions) {
+			ro.Retryables = append([]retry.IsErrorRetryable{retry.IsErrorRetryableFunc(certificateErrorsFinal)}, ro.Retryables...)
+		})
 		if o.Endpoint != "" {
 			so.BaseEndpoint = aws.String(o.Endpoint)
 		}
@@ -410,4 +416,18 @@ func (w *withParams) Credential(ctx context.Context, id broker.Identity, g broke
 		g.Params = p
 	}
 	return w.src.Credential(ctx, id, g)
+}
+
+// certificateErrorsFinal stops the SDK retrying a failed certificate check:
+// an untrusted or misnamed STS endpoint does not become trusted a second
+// later, and a retry only doubles the time to the 503.
+func certificateErrorsFinal(err error) aws.Ternary {
+	var verify *tls.CertificateVerificationError
+	var unknown x509.UnknownAuthorityError
+	var host x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	if errors.As(err, &verify) || errors.As(err, &unknown) || errors.As(err, &host) || errors.As(err, &invalid) {
+		return aws.FalseTernary
+	}
+	return aws.UnknownTernary
 }
