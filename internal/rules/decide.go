@@ -151,6 +151,7 @@ func (s *Set) decide(ctx context.Context, id broker.Identity, t broker.Target, t
 	s.ix.lookup(lookupHost(t.Host), &c)
 
 	var act any // built on first use: rules without `when` never need it
+	var lv *lazyVars
 	firstUnknown := -1
 	unknownDeny := false
 	for {
@@ -173,13 +174,15 @@ func (s *Set) decide(ctx context.Context, id broker.Identity, t broker.Target, t
 		}
 		if r.full != nil {
 			if act == nil {
-				a, err := s.activation(id, t, connect)
+				a, v, err := s.activation(id, t, connect)
 				if err != nil {
 					tr.decide(i, "when error: "+err.Error())
 					return broker.Decision{Rule: r.name, Reason: reasonWhenError}, fmt.Errorf("rules: rule %q: %w", r.name, err)
 				}
-				act = a
+				act, lv = a, v
 			}
+			// The loop bounds apply to each evaluation, not to the decision.
+			lv.loops = loopCounter{}
 			res, err := r.eval(ctx, act, connect)
 			if err != nil {
 				tr.decide(i, "when error: "+err.Error())
@@ -282,7 +285,7 @@ func containsInt(l []int, v int) bool {
 	return false
 }
 
-func (s *Set) activation(id broker.Identity, t broker.Target, connect bool) (any, error) {
+func (s *Set) activation(id broker.Identity, t broker.Target, connect bool) (any, *lazyVars, error) {
 	v := vars(id, t, s.clock.Now(), connect)
 	if connect {
 		unknowns := s.unknowns
@@ -291,15 +294,15 @@ func (s *Set) activation(id broker.Identity, t broker.Target, connect bool) (any
 		}
 		a, err := cel.PartialVars(v, unknowns...)
 		if err != nil {
-			return nil, fmt.Errorf("building variables: %w", err)
+			return nil, nil, fmt.Errorf("building variables: %w", err)
 		}
-		return a, nil
+		return a, v, nil
 	}
 	a, err := cel.NewActivation(v)
 	if err != nil {
-		return nil, fmt.Errorf("building variables: %w", err)
+		return nil, nil, fmt.Errorf("building variables: %w", err)
 	}
-	return a, nil
+	return a, v, nil
 }
 
 func (r *rule) eval(ctx context.Context, act any, connect bool) (result, error) {

@@ -20,7 +20,11 @@
 //     (Options.CostLimit, default DefaultCostLimit). At compile time an
 //     expression whose estimated cost for an ordinary request exceeds the
 //     same limit is rejected; the runtime limit is what bounds a hostile
-//     request.
+//     request. Loops are bounded too, outside CEL's cost model (which
+//     charges nothing for some loop bodies and whose tracker slows down
+//     with loop length): a loop over more than 1,000 elements, or more
+//     than 5,000 loop iterations in one evaluation, stops with the same
+//     cost-limit error.
 //   - Compiled once. Every expression is parsed, type-checked (it must be
 //     bool) and planned in Compile; Decide only evaluates. A Set is
 //     immutable and safe for concurrent use; reloading builds a new Set.

@@ -44,11 +44,15 @@ func isConnectKey(k string) bool {
 const (
 	// DefaultCostLimit is the CEL runtime cost budget of one `when`
 	// evaluation. One unit is roughly one cheap operation (a comparison, a
-	// field access, ten characters of string scanning). 100000 allows a
+	// field access, ten characters of string scanning). 30000 allows a
 	// regular expression over every header of an ordinary request many
-	// times over, and bounds a hostile one: a regex over 10,000 headers of
-	// 8 KiB each is stopped after about 20 ms of CPU (measured).
-	DefaultCostLimit = 100000
+	// times over (the static estimate of every rule shipped in configs/ is
+	// under 600) and bounds a hostile request: with the loop bounds in
+	// loops.go, the worst shapes measured by BenchmarkCostLimitWorstCase
+	// (regular expressions over 8 KiB values, 1,000-element loops with wide
+	// bodies) stop after about 10 ms of CPU on a 2-core Xeon, and well under
+	// 20 ms.
+	DefaultCostLimit = 30000
 
 	// maxExprLen bounds the source size of one expression.
 	maxExprLen = 16 << 10
@@ -151,6 +155,7 @@ type lazyVars struct {
 	now     time.Time
 	connect bool
 	cache   map[string]any
+	loops   loopCounter // reset before each evaluation; see loops.go
 }
 
 func vars(id broker.Identity, t broker.Target, now time.Time, connect bool) *lazyVars {
@@ -159,6 +164,9 @@ func vars(id broker.Identity, t broker.Target, now time.Time, connect bool) *laz
 
 // ResolveName implements interpreter.Activation.
 func (v *lazyVars) ResolveName(name string) (any, bool) {
+	if name == loopCounterVar {
+		return &v.loops, true
+	}
 	if x, ok := v.cache[name]; ok {
 		return x, true
 	}

@@ -95,3 +95,42 @@ func FuzzCompactJSON(f *testing.F) {
 		}
 	})
 }
+
+// FuzzWhen: any `when` that compiles, evaluated against any header data,
+// decides without an internal error (the loop bounds never break the
+// interpreter), and an evaluation error always denies, naming the rule.
+func FuzzWhen(f *testing.F) {
+	for _, s := range []struct {
+		when, value string
+		n           uint16
+	}{
+		{`request.headers.exists(k, request.headers[k].matches("(a+)+b"))`, "aaaa", 10},
+		{`request.headers.all(k, ["a","b"].all(p, !k.startsWith(p)))`, "v", 1001},
+		{`request.path.split("/").filter(x, false).size() == 0`, "", 0},
+		{`request.headers.exists_one(k, request.headers[k] == "x")`, "x", 3},
+		{`request.headers.map(k, k + request.headers[k]).exists(v, v.contains("x-h1"))`, "y", 50},
+		{`[1, 2, 3].all(i, [4, 5].exists(j, i < j))`, "", 0},
+		{`workload.claims.all(k, k != "")`, "", 0},
+	} {
+		f.Add(s.when, s.value, s.n)
+	}
+	f.Fuzz(func(t *testing.T, when, value string, n uint16) {
+		s, errs := Compile([]Spec{{Name: "fuzz", Hosts: []string{"api.example.com"}, When: when}}, Options{})
+		if len(errs) > 0 {
+			return
+		}
+		tg := req("api.example.com", "GET")
+		tg.Path = "/" + strings.Repeat(value+"/", int(n%2048))
+		tg.Headers = manyHeaders(int(n%2048), len(value)%64, "a")
+		for _, phase := range []broker.Phase{broker.PhaseRequest, broker.PhaseConnect} {
+			tg.Phase = phase
+			d, err := s.Decide(context.Background(), testID, tg)
+			if d.Reason == reasonInternal || (err != nil && strings.Contains(err.Error(), "internal error")) {
+				t.Fatalf("internal error deciding %q: %v", when, err)
+			}
+			if err != nil && (d.Allowed() || d.Rule != "fuzz") {
+				t.Fatalf("error %v with decision %+v, want a deny by the rule", err, d)
+			}
+		}
+	})
+}

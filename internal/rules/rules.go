@@ -280,12 +280,13 @@ func compileWhen(env *cel.Env, r *rule, expr string, limit uint64, tunnel bool) 
 		// Compile constant regular expressions now: a bad one is a
 		// compile error, and evaluation does not recompile it.
 		cel.OptimizeRegex(interpreter.MatchesRegexOptimization),
+		loopGuard(checked),
 	}
-	full, err := env.Program(checked, common...)
+	full, err := env.Program(checked, append(common, cel.EvalOptions(cel.OptOptimize))...)
 	if err != nil {
 		return []string{fmt.Sprintf("when: %v", err)}
 	}
-	partial, err := env.Program(checked, append(common, cel.EvalOptions(cel.OptPartialEval))...)
+	partial, err := env.Program(checked, append(common, cel.EvalOptions(cel.OptOptimize, cel.OptPartialEval))...)
 	if err != nil {
 		return []string{fmt.Sprintf("when: %v", err)}
 	}

@@ -98,7 +98,9 @@ func CompileValue(expr string, kind ValueKind, opts Options) (*Value, error) {
 	prg, err := env.Program(checked,
 		cel.CostLimit(opts.CostLimit),
 		cel.InterruptCheckFrequency(interruptEvery),
-		cel.OptimizeRegex(interpreter.MatchesRegexOptimization))
+		cel.OptimizeRegex(interpreter.MatchesRegexOptimization),
+		cel.EvalOptions(cel.OptOptimize),
+		loopGuard(checked))
 	if err != nil {
 		return nil, err
 	}
