@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -36,7 +37,10 @@ type CacheOptions struct {
 	// Margin: an entry is dropped this long before Credential.Expires.
 	// 0 means DefaultMargin (30s); a negative value means no margin.
 	Margin time.Duration
-	// Clock decides every expiry; nil means the wall clock.
+	// Clock decides every expiry; nil means the wall clock. Expiry is
+	// judged twice, on the Clock's wall time and on the time elapsed since
+	// the credential was fetched (see Monotonic), and a credential is
+	// expired as soon as either says so.
 	Clock broker.Clock
 	// Metrics may be nil.
 	Metrics *Metrics
@@ -81,6 +85,84 @@ type RefreshHinter interface {
 // refreshRetry spaces background refresh attempts after a failure.
 const refreshRetry = 30 * time.Second
 
+// Monotonic is implemented by a Clock that also has a monotonic reading:
+// the time elapsed since a fixed, arbitrary origin, which follows real
+// time and never moves when the wall clock is stepped. The cache measures
+// how long it has held a credential with it, so a wall clock stepped back
+// (F-17) cannot stretch a credential past its true lifetime. A Clock
+// without it is read through the monotonic reading its Now carries
+// (time.Now's does, so broker.SystemClock needs nothing); for a Clock whose
+// times carry none the elapsed time is its wall clock's, as before.
+type Monotonic interface {
+	Monotonic() time.Duration
+}
+
+// monoOrigin anchors readings of clocks that are not Monotonic: it carries
+// time.Now's monotonic reading, so t.Sub(monoOrigin) does too when t does.
+var monoOrigin = time.Now()
+
+// instant is one reading of the cache's clock, in both senses.
+type instant struct {
+	wall time.Time     // no monotonic reading: compared as wall time
+	mono time.Duration // never steps (see Monotonic)
+}
+
+// deadline is a moment judged in both senses; it has passed as soon as
+// either clock reaches it. The zero deadline never passes.
+type deadline struct {
+	wall time.Time
+	mono time.Duration
+}
+
+// at returns the deadline for the wall time w, judged at i: w itself, and
+// i.mono plus the lifetime w-i.wall that i's wall clock gives it.
+func (i instant) at(w time.Time) deadline {
+	return deadline{wall: w, mono: addSat(i.mono, w.Sub(i.wall))}
+}
+
+// after returns the deadline d from i.
+func (i instant) after(d time.Duration) deadline {
+	return deadline{wall: i.wall.Add(d), mono: addSat(i.mono, d)}
+}
+
+func (d deadline) passed(now instant) bool {
+	return !d.wall.IsZero() && (!now.wall.Before(d.wall) || now.mono >= d.mono)
+}
+
+// earlier returns the earlier of d and o in each sense.
+func (d deadline) earlier(o deadline) deadline {
+	if o.wall.Before(d.wall) {
+		d.wall = o.wall
+	}
+	d.mono = min(d.mono, o.mono)
+	return d
+}
+
+// addSat adds without overflowing: a credential that expires in the year
+// 9999 must not wrap around to "already expired".
+func addSat(a, b time.Duration) time.Duration {
+	switch {
+	case b > 0 && a > math.MaxInt64-b:
+		return math.MaxInt64
+	case b < 0 && a < math.MinInt64-b:
+		return math.MinInt64
+	}
+	return a + b
+}
+
+// read takes one reading of clock; mono is its Monotonic reading when it
+// has one (nil: derive it from Now). A Monotonic clock is read first:
+// time passing between the two reads then shortens the lifetimes judged
+// at this instant, never lengthens them.
+func read(clock broker.Clock, mono Monotonic) instant {
+	if mono != nil {
+		m := mono.Monotonic()
+		return instant{wall: clock.Now().Round(0), mono: m}
+	}
+	t := clock.Now()
+	return instant{wall: t.Round(0), mono: t.Sub(monoOrigin)}
+}
+
 // Closer is implemented by sources that hold something until they are
 // closed: the cache (stored leases) and the Vault connection (its login).
 type Closer interface {
@@ -95,8 +177,10 @@ type Closer interface {
 //     grants share a key, plus broker.Grant.CacheKey. Two identities never
 //     share an entry.
 //   - An entry lives min(TTL, Expires-Margin). Every hit is checked against
-//     the Clock; an expired credential is never served, and a credential the
-//     source returns already expired is an error.
+//     the Clock, by its wall time and by the monotonic time since the fetch
+//     (see Monotonic; either one ends the entry); an expired credential is
+//     never served, and a credential the source returns already expired is
+//     an error.
 //   - Errors are never cached.
 //   - Concurrent misses for one key make one source call (singleflight).
 //     The source call runs under a context detached from the callers'
@@ -139,6 +223,7 @@ func NewCache(name string, src broker.Source, o CacheOptions) broker.Source {
 	}
 	o.Metrics.init(name)
 	f := fetcher{name: name, src: src, clock: o.Clock, metrics: o.Metrics, timeout: o.FetchTimeout}
+	f.mono, _ = o.Clock.(Monotonic)
 	if o.TTL <= 0 {
 		return &passthrough{f: f}
 	}
@@ -162,9 +247,13 @@ type fetcher struct {
 	name    string
 	src     broker.Source
 	clock   broker.Clock
+	mono    Monotonic // o.Clock's, if it has one
 	metrics *Metrics
 	timeout time.Duration
 }
+
+// now reads the clock in both senses.
+func (f *fetcher) now() instant { return read(f.clock, f.mono) }
 
 func (f *fetcher) fetch(ctx context.Context, id broker.Identity, g broker.Grant) (c broker.Credential, err error) {
 	start := time.Now()
@@ -241,20 +330,21 @@ type cache struct {
 type entry struct {
 	key   string
 	cred  broker.Credential // private copy; Release is always nil
-	until time.Time
+	until deadline          // min(stored+TTL, Expires-Margin)
+	exp   deadline          // Expires judged when stored or renewed; zero: none
 
 	// Early refresh (CacheOptions.Refresh), entries without a lease only:
 	// the caller and grant that made it, whether a refresh is running, and
 	// when one may start again after a failure.
-	id           broker.Identity
-	grant        broker.Grant
-	refreshing   bool
-	refreshAfter time.Time
+	id         broker.Identity
+	grant      broker.Grant
+	refreshing bool
+	retryAt    deadline // zero: no backoff
 
 	// Shared leases only (release != nil).
 	release   func(context.Context) // the source's Release; run exactly once
-	ttlEnd    time.Time             // stored+TTL: renewals never extend past it
-	renewedAt time.Time             // start of the lease's current lifetime
+	ttlEnd    deadline              // stored+TTL: renewals never extend past it
+	renewedAt instant               // start of the lease's current lifetime
 	refs      int                   // callers holding the credential
 	evicted   bool                  // out of entries (maybe still in use)
 	released  bool                  // release has been started
@@ -265,9 +355,10 @@ type entry struct {
 // flight is what one singleflight call shares with its waiters.
 type flight struct {
 	cred    broker.Credential
-	ent     *entry // a shared lease: each waiter takes its own hold
-	hit     bool   // found in the cache by the re-check
-	private bool   // has Release: handed to the caller whose call ran, in its handoff
+	exp     deadline // cred.Expires, judged when fetched
+	ent     *entry   // a shared lease: each waiter takes its own hold
+	hit     bool     // found in the cache by the re-check
+	private bool     // has Release: handed to the caller whose call ran, in its handoff
 }
 
 // handoff carries a one-shot credential from the source call to the one
@@ -281,7 +372,7 @@ type handoff struct {
 
 func (c *cache) Credential(ctx context.Context, id broker.Identity, g broker.Grant) (broker.Credential, error) {
 	key := cacheKey(id, g)
-	if cred, _, ok := c.lookup(key, c.f.clock.Now(), true); ok {
+	if cred, _, _, ok := c.lookup(key, c.f.now(), true); ok {
 		c.f.metrics.count(c.f.name, ResultCacheHit)
 		return cred, nil
 	}
@@ -292,19 +383,22 @@ func (c *cache) Credential(ctx context.Context, id broker.Identity, g broker.Gra
 		h.mu.Unlock()
 		// A flight that ended between our lookup and DoChan may have filled
 		// the entry already.
-		if cred, e, ok := c.lookup(key, c.f.clock.Now(), false); ok {
-			return flight{cred: cred, ent: e, hit: true}, nil
+		if cred, e, exp, ok := c.lookup(key, c.f.now(), false); ok {
+			return flight{cred: cred, exp: exp, ent: e, hit: true}, nil
 		}
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.f.timeout)
 		defer cancel()
+		before := c.f.now()
 		cred, err := c.f.fetch(fctx, id, g)
 		if err != nil {
 			return nil, err
 		}
+		now := c.f.now()
+		exp := expiry(before, now, cred.Expires)
 		if cred.Release != nil && c.share {
-			if e := c.store(key, cred, c.f.clock.Now(), id, g); e != nil {
+			if e := c.store(key, cred, before, now, id, g); e != nil {
 				cred.Release = nil
-				return flight{cred: cred, ent: e}, nil
+				return flight{cred: cred, exp: exp, ent: e}, nil
 			}
 			// Not stored (inside its margin, or the cache is closed): one-shot.
 		}
@@ -320,8 +414,8 @@ func (c *cache) Credential(ctx context.Context, id broker.Identity, g broker.Gra
 			}
 			return flight{private: true}, nil
 		}
-		c.store(key, cred, c.f.clock.Now(), id, g)
-		return flight{cred: cred}, nil
+		c.store(key, cred, before, now, id, g)
+		return flight{cred: cred, exp: exp}, nil
 	})
 
 	select {
@@ -354,7 +448,7 @@ func (c *cache) Credential(ctx context.Context, id broker.Identity, g broker.Gra
 			// Someone else's one-shot lease: get our own.
 			return c.own(ctx, id, g)
 		}
-		if fl.cred.Expired(c.f.clock.Now()) {
+		if fl.exp.passed(c.f.now()) {
 			c.f.metrics.count(c.f.name, ResultError)
 			return broker.Credential{}, fmt.Errorf("inject: credential %q: %w", c.f.name, ErrExpired)
 		}
@@ -387,25 +481,25 @@ func (c *cache) own(ctx context.Context, id broker.Identity, g broker.Grant) (br
 	return cred, nil
 }
 
-// lookup returns a copy of a live entry, dropping it if it is stale. For a
-// shared lease, hold takes a hold for the caller (the copy's Release ends
-// it) and may start a renewal; without hold the entry is returned for
-// acquire.
-func (c *cache) lookup(key string, now time.Time, hold bool) (broker.Credential, *entry, bool) {
+// lookup returns a copy of a live entry and its expiry, dropping it if it
+// is stale. For a shared lease, hold takes a hold for the caller (the
+// copy's Release ends it) and may start a renewal; without hold the entry
+// is returned for acquire.
+func (c *cache) lookup(key string, now instant, hold bool) (broker.Credential, *entry, deadline, bool) {
 	c.mu.Lock()
 	el, ok := c.entries[key]
 	if !ok {
 		c.mu.Unlock()
-		return broker.Credential{}, nil, false
+		return broker.Credential{}, nil, deadline{}, false
 	}
 	e := el.Value.(*entry)
-	if !now.Before(e.until) || e.cred.Expired(now) {
+	if e.until.passed(now) || e.exp.passed(now) {
 		done := c.evictLocked(el)
 		c.mu.Unlock()
 		c.dispose(done)
-		return broker.Credential{}, nil, false
+		return broker.Credential{}, nil, deadline{}, false
 	}
-	cred := cloneCred(e.cred)
+	cred, exp := cloneCred(e.cred), e.exp
 	if e.release == nil {
 		refresh := c.wantsRefreshLocked(e, now)
 		if refresh {
@@ -416,11 +510,11 @@ func (c *cache) lookup(key string, now time.Time, hold bool) (broker.Credential,
 		if refresh {
 			go c.refreshEntry(e)
 		}
-		return cred, nil, true
+		return cred, nil, exp, true
 	}
 	if !hold {
 		c.mu.Unlock()
-		return cred, e, true
+		return cred, e, exp, true
 	}
 	cred.Release = c.holdLocked(e)
 	renew := c.renew != nil && !e.renewing && !e.noRenew && c.wantsRenewal(e, now)
@@ -432,15 +526,15 @@ func (c *cache) lookup(key string, now time.Time, hold bool) (broker.Credential,
 	if renew {
 		go c.renewEntry(e, cloneCred(cred))
 	}
-	return cred, nil, true
+	return cred, nil, exp, true
 }
 
 // wantsRefreshLocked: early refresh is on, the credential has an expiry
 // and is inside the refresh window, and no refresh is running or backing
 // off.
-func (c *cache) wantsRefreshLocked(e *entry, now time.Time) bool {
+func (c *cache) wantsRefreshLocked(e *entry, now instant) bool {
 	return c.refresh > 0 && !c.closed && !e.refreshing && !e.cred.Expires.IsZero() &&
-		!now.Before(e.cred.Expires.Add(-c.refresh)) && !now.Before(e.refreshAfter)
+		e.exp.before(c.refresh).passed(now) && (e.retryAt.wall.IsZero() || e.retryAt.passed(now))
 }
 
 // refreshEntry fetches a replacement for e in the background; on success
@@ -449,6 +543,7 @@ func (c *cache) wantsRefreshLocked(e *entry, now time.Time) bool {
 func (c *cache) refreshEntry(e *entry) {
 	defer c.bg.Done()
 	ctx, cancel := context.WithTimeout(context.Background(), c.f.timeout)
+	before := c.f.now()
 	cred, err := c.f.fetch(ctx, e.id, e.grant)
 	cancel()
 	if err == nil && cred.Release != nil {
@@ -456,52 +551,58 @@ func (c *cache) refreshEntry(e *entry) {
 		c.f.release(cred)
 		err = errors.New("refresh returned a lease")
 	}
-	now := c.f.clock.Now()
+	now := c.f.now()
 	if err == nil {
 		c.mu.Lock()
 		el, ok := c.entries[e.key]
 		current := ok && el.Value.(*entry) == e
 		c.mu.Unlock()
-		if current && c.store(e.key, cred, now, e.id, e.grant) != nil {
+		if current && c.store(e.key, cred, before, now, e.id, e.grant) != nil {
 			return
 		}
 	}
 	c.mu.Lock()
 	e.refreshing = false
-	e.refreshAfter = now.Add(refreshRetry)
+	e.retryAt = now.after(refreshRetry)
 	c.mu.Unlock()
 }
 
-// wantsRenewal: past half of the lease's current lifetime, and the lease
-// (not the TTL) is what would end the entry.
-func (c *cache) wantsRenewal(e *entry, now time.Time) bool {
-	exp := e.cred.Expires
-	if exp.IsZero() || !exp.Add(-c.margin).Before(e.ttlEnd) {
+// wantsRenewal: past half of the lease's current lifetime (by either
+// clock), and the lease (not the TTL) is what would end the entry.
+func (c *cache) wantsRenewal(e *entry, now instant) bool {
+	if e.cred.Expires.IsZero() {
 		return false
 	}
-	return now.Sub(e.renewedAt) >= exp.Sub(e.renewedAt)/2
+	end := e.exp.before(c.margin)
+	if !end.wall.Before(e.ttlEnd.wall) && end.mono >= e.ttlEnd.mono {
+		return false
+	}
+	held := max(now.wall.Sub(e.renewedAt.wall), now.mono-e.renewedAt.mono)
+	return held >= e.cred.Expires.Sub(e.renewedAt.wall)/2
 }
 
 func (c *cache) renewEntry(e *entry, cred broker.Credential) {
 	defer c.bg.Done()
 	cred.Release = nil
 	ctx, cancel := context.WithTimeout(context.Background(), c.f.timeout)
+	before := c.f.now()
 	exp, err := c.renew(ctx, cred)
 	cancel()
-	now := c.f.clock.Now()
+	now := c.f.now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e.renewing = false
-	if err != nil || !exp.After(e.cred.Expires) {
+	// Whether the lease got longer is judged on held time: after the wall
+	// clock was stepped back, a real extension has an earlier wall expiry.
+	next := expiry(before, now, exp)
+	if err != nil || next.mono <= e.exp.mono {
 		e.noRenew = true
 		return
 	}
 	e.cred.Expires = exp
 	e.renewedAt = now
-	e.until = e.ttlEnd
-	if x := exp.Add(-c.margin); x.Before(e.until) {
-		e.until = x
-	}
+	e.exp = next
+	e.until = e.ttlEnd.earlier(e.exp.before(c.margin))
 }
 
 // acquire takes a hold on a shared lease unless it was already released.
@@ -581,35 +682,59 @@ func (c *cache) dispose(e *entry) {
 	}()
 }
 
-// store keeps a private copy of cred until min(now+TTL, Expires-Margin)
-// and returns its entry. A credential already inside its margin is not
+// expiry is the deadline of a credential expiring at the wall time exp
+// (zero: never), received from a call made between before and now. Its
+// monotonic part is the earlier of the lifetimes judged at either end:
+// a wall step while the call ran must not lengthen it (a step back makes
+// the lifetime judged at now too long, a step forward ahead of the
+// issuer's clock the one judged at before).
+func expiry(before, now instant, exp time.Time) deadline {
+	if exp.IsZero() {
+		return deadline{}
+	}
+	d := now.at(exp)
+	d.mono = min(d.mono, before.at(exp).mono)
+	return d
+}
+
+// before returns the deadline d earlier (d's zero stays zero).
+func (d deadline) before(by time.Duration) deadline {
+	if d.wall.IsZero() {
+		return d
+	}
+	return deadline{wall: d.wall.Add(-by), mono: addSat(d.mono, -by)}
+}
+
+// store keeps a private copy of cred, fetched between before and now,
+// until min(now+TTL, Expires-Margin) and returns its entry. Both ends are kept in both senses (deadline): the
+// wall clock stepping back later cannot keep the entry past the lifetime
+// it had when stored. A credential already inside its margin is not
 // stored (but still used by the callers of this flight, since it has not
 // expired), nor is anything once the cache is closed.
-func (c *cache) store(key string, cred broker.Credential, now time.Time, id broker.Identity, g broker.Grant) *entry {
-	until := now.Add(c.ttl)
-	ttlEnd := until
+func (c *cache) store(key string, cred broker.Credential, before, now instant, id broker.Identity, g broker.Grant) *entry {
+	ttlEnd := now.after(c.ttl)
+	exp := expiry(before, now, cred.Expires)
+	until := ttlEnd
 	if !cred.Expires.IsZero() {
-		if x := cred.Expires.Add(-c.margin); x.Before(until) {
-			until = x
-		}
+		until = until.earlier(exp.before(c.margin))
 	}
-	if !now.Before(until) {
+	if until.passed(now) {
 		return nil
 	}
 	// With early refresh, keep what a refresh needs, and no more: the
 	// request's path, query and headers are not retained (sources read the
 	// target outside the cache, through WithParams, whose results are in
 	// Params).
-	e := &entry{key: key, cred: cloneCred(cred), until: until}
+	e := &entry{key: key, cred: cloneCred(cred), until: until, exp: exp}
 	if c.refresh > 0 {
 		g.Target = broker.Target{Phase: g.Target.Phase, Protocol: g.Target.Protocol, Host: g.Target.Host, Port: g.Target.Port}
 		e.id, e.grant = id, g
 	}
-	if c.refresh > 0 && !cred.Expires.IsZero() && !now.Before(cred.Expires.Add(-c.refresh)) {
+	if c.refresh > 0 && exp.before(c.refresh).passed(now) {
 		// Born inside its refresh window (a short lifetime, or this clock
 		// is ahead of the issuer's, F-17): refreshing at once would fetch
 		// the same again, back to back; wait refreshRetry as after a failure.
-		e.refreshAfter = now.Add(refreshRetry)
+		e.retryAt = now.after(refreshRetry)
 	}
 	if cred.Release != nil {
 		e.release, e.ttlEnd, e.renewedAt = cred.Release, ttlEnd, now

@@ -18,9 +18,13 @@ import (
 	"github.com/keygate/broker/internal/broker"
 )
 
+// fakeClock is a Monotonic clock: Advance is real time passing (wall and
+// monotonic readings move together), Step is the wall clock being set
+// (NTP, an operator, a VM restore: only the wall reading moves).
 type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
+	mu   sync.Mutex
+	t    time.Time
+	mono time.Duration
 }
 
 func newFakeClock() *fakeClock {
@@ -33,7 +37,23 @@ func (c *fakeClock) Now() time.Time {
 	return c.t
 }
 
+func (c *fakeClock) Monotonic() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mono
+}
+
 func (c *fakeClock) Advance(d time.Duration) {
+	if d < 0 {
+		panic("fakeClock: time does not pass backwards; Step sets the wall clock back")
+	}
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mono += d
+	c.mu.Unlock()
+}
+
+func (c *fakeClock) Step(d time.Duration) {
 	c.mu.Lock()
 	c.t = c.t.Add(d)
 	c.mu.Unlock()

@@ -117,7 +117,16 @@
 // whose output depends on the target must receive it through Grant.Params.
 //
 // The cache never serves a stale or failed credential. An entry lives
-// min(TTL, Expires-Margin) and is checked against the Clock on every hit.
+// min(TTL, Expires-Margin) and is checked against the Clock on every hit,
+// twice (F-17): against the wall clock, and against the monotonic time
+// elapsed since the credential was fetched, its lifetime (Expires minus
+// the wall time of the fetch, the shorter of the readings before and after
+// the source call) counted from the fetch. It is expired as soon as either
+// says so, so a wall clock stepped back cannot stretch a credential past
+// its true lifetime, and one stepped forward still ends it early. The
+// refresh window, the refresh back-off and lease renewals are judged the
+// same way. The monotonic time is the Clock's when it implements
+// Monotonic, else the reading time.Now carries (broker.SystemClock).
 // With CacheOptions.Refresh (aws_sts sets it through RefreshHinter: margin
 // 60s, refresh 5m) a hit inside the refresh window starts one background
 // replacement; the old credential is served until its margin, so an STS

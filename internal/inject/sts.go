@@ -209,6 +209,10 @@ func (s *stsSource) Credential(ctx context.Context, id broker.Identity, g broker
 	ctx, cancel := context.WithTimeout(ctx, s.o.Timeout)
 	defer cancel()
 	dur := aws.Int32(int32(s.o.Duration / time.Second))
+	// STS states the expiry on its own clock; a session can never outlive
+	// the duration asked for from before the call, so a broker clock that
+	// lags STS's does not make the session look longer than it is.
+	latest := time.Now().Add(s.o.Duration)
 	var out *ststypes.Credentials
 	op := "AssumeRole"
 	if s.o.WebIdentity != nil {
@@ -261,6 +265,9 @@ func (s *stsSource) Credential(ctx context.Context, id broker.Identity, g broker
 		},
 		Expires: aws.ToTime(out.Expiration),
 		Meta:    map[string]string{"role": s.o.RoleARN, "session": session},
+	}
+	if c.Expires.After(latest) {
+		c.Expires = latest
 	}
 	if policy != "" {
 		sum := sha256.Sum256([]byte(policy))
