@@ -143,7 +143,10 @@ func TestPGRefusedBeforeUpstream(t *testing.T) {
 	src := &recordingSource{src: staticDB("orders-db", "never", "never")}
 	host := "127.0.0.1"
 	rs := append([]rules.Spec{{Name: "no-admin", Hosts: []string{host}, Action: rules.ActionDeny,
-		When: `request.database == "admin"`}}, allowApp(host)...)
+		When: `request.database == "admin"`},
+		// A CIDR caller has no claims: evaluating this rule fails (F-11).
+		{Name: "broken", Hosts: []string{host}, Action: rules.ActionDeny,
+			When: `request.database == "broken" && workload.claims.team == "x"`}}, allowApp(host)...)
 	db := Database{Name: "orders", Upstream: upstreamOf(pg), Credential: "orders-db", TLS: TLSDisable}
 	b := startBroker(t, brokerSpec{db: db, rules: rs, sources: map[string]broker.Source{"orders-db": src}})
 	strangers, err := attest.NewCIDR([]attest.CIDREntry{{ID: "elsewhere", CIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}}})
@@ -161,6 +164,7 @@ func TestPGRefusedBeforeUpstream(t *testing.T) {
 	}{
 		{"wrong database", b, "postgres", `keygate: no rule allows user "app" on database "postgres"`},
 		{"deny rule", b, "admin", `keygate: user "app" on database "admin" denied by rule "no-admin"`},
+		{"rule error", b, "broken", `keygate: rule_error: rule "broken" could not be evaluated for user "app" on database "broken"`},
 		{"unattested caller", anon, "app", "keygate: caller could not be attested"},
 	}
 	for _, tt := range tests {

@@ -46,6 +46,11 @@ func fromBrokerError(err error, what string) *failure {
 	be := broker.AsError(err)
 	f := &failure{be: be, msg: "keygate: " + be.Message}
 	switch be.Code {
+	case broker.CodeRuleError:
+		// A rule that failed to evaluate refuses, like a deny, but says so:
+		// the operator must tell a broken rule from an intended denial.
+		f.sqlcode = sqlInvalidAuthorization
+		f.msg = fmt.Sprintf("keygate: rule_error: rule %q could not be evaluated for %s", be.Rule, what)
 	case broker.CodeUnauthenticated, broker.CodeDenied:
 		f.sqlcode = sqlInvalidAuthorization
 		if be.Code == broker.CodeDenied {

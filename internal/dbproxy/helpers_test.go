@@ -276,6 +276,9 @@ type brokerSpec struct {
 	clientTLS bool
 	attestor  broker.Attestor // default: cidr 127.0.0.0/8 -> "local-app"
 	grace     time.Duration
+	// wrap, when set, wraps the broker's listener (fault injection on the
+	// workload's connections).
+	wrap func(net.Listener) net.Listener
 }
 
 // allowApp lets local-app use database app on the upstream as any user.
@@ -361,6 +364,9 @@ func startBroker(t testing.TB, spec brokerSpec) *testBroker {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if spec.wrap != nil {
+		ln = spec.wrap(ln)
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()

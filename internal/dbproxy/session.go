@@ -59,9 +59,19 @@ func (s *Server) handle(raw net.Conn) {
 		},
 	}
 	audited := true
+	inSetup := false // the client has been sent nothing since its StartupMessage
 	defer func() {
 		if p := recover(); p != nil {
-			x.setFail(newFailure(sqlConnectionFailure, broker.CodeInternal, "keygate: internal error", fmt.Errorf("panic: %v", p)))
+			// The panic value is never logged nor audited: it could hold
+			// anything, a credential included. Its kind and the stack
+			// (which prints argument words, not the strings they point
+			// to) are enough to find the bug.
+			s.log.Error("panic while handling a postgres session", zap.String("listener", s.name),
+				zap.String("request_id", x.rec.RequestID), zap.String("panic_type", panicKind(p)), zap.Stack("stack"))
+			x.setFail(newFailure(sqlConnectionFailure, broker.CodeInternal, "keygate: internal error", errPanic))
+			if inSetup {
+				x.sendError()
+			}
 		}
 		x.conn.Close()
 		if x.up != nil {
@@ -110,7 +120,10 @@ func (s *Server) handle(raw net.Conn) {
 	// Setting the session up waits for the credential source and the
 	// server; the client waits as long.
 	_ = raw.SetDeadline(time.Now().Add(s.opts.UpstreamTimeout + 5*time.Second))
-	if f := x.setup(pipe, startup); f != nil {
+	inSetup = true
+	f := x.setup(pipe, startup)
+	inSetup = false
+	if f != nil {
 		x.setFail(f)
 		x.sendError()
 		return
@@ -125,6 +138,36 @@ func (x *session) setFail(f *failure) {
 			x.rec.Rule = f.be.Rule
 		}
 	}
+}
+
+// errPanic is the audited cause of a session ended by a panic; the panic
+// value itself is never recorded.
+var errPanic = errors.New("panic")
+
+// panicKind names what a panic value is without formatting it.
+func panicKind(v any) string {
+	switch v.(type) {
+	case error:
+		return "error"
+	case string:
+		return "string"
+	}
+	return "other"
+}
+
+// release runs the credential's Release with the same containment as the
+// session: finish runs after handle's recover, so a panic here would end
+// the process and the runtime would print the panic value.
+func (x *session) release() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	defer func() {
+		if p := recover(); p != nil {
+			x.srv.log.Error("panic while releasing a credential", zap.String("listener", x.srv.name),
+				zap.String("request_id", x.rec.RequestID), zap.String("panic_type", panicKind(p)), zap.Stack("stack"))
+		}
+	}()
+	x.cred.Release(ctx)
 }
 
 // readStartup runs the client's startup phase: GSSENCRequest (answered
@@ -375,9 +418,7 @@ func (x *session) terminate(msg string) {
 func (x *session) finish() {
 	s := x.srv
 	if x.cred.Release != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		x.cred.Release(ctx)
-		cancel()
+		x.release()
 	}
 	x.rec.Duration = s.opts.Clock.Now().Sub(x.start)
 	if x.fail != nil {

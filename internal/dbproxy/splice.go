@@ -47,10 +47,12 @@ func (x *session) serve() {
 	x.tracker = &frameTracker{w: x.conn}
 	done := make(chan copyResult, 2)
 	go func() {
+		defer x.recoverCopy(done, true)
 		n, err := io.Copy(x.up.conn, x.conn)
 		done <- copyResult{in: true, n: n, err: err}
 	}()
 	go func() {
+		defer x.recoverCopy(done, false)
 		_, err := io.Copy(x.tracker, x.up.conn)
 		done <- copyResult{n: x.tracker.count(), err: err}
 	}()
@@ -211,4 +213,16 @@ func (t *frameTracker) Write(p []byte) (int, error) {
 		return i, errStopped
 	}
 	return len(p), nil
+}
+
+// recoverCopy contains a panic in one copy direction (the frame tracker is
+// the broker's own code on live bytes): it ends that direction as an error,
+// so the session closes, and logs the panic's kind and stack, never its
+// value, as the session's own recover does.
+func (x *session) recoverCopy(done chan<- copyResult, in bool) {
+	if p := recover(); p != nil {
+		x.srv.log.Error("panic while relaying a postgres session", zap.String("listener", x.srv.name),
+			zap.String("request_id", x.rec.RequestID), zap.String("panic_type", panicKind(p)), zap.Stack("stack"))
+		done <- copyResult{in: in, err: errPanic}
+	}
 }

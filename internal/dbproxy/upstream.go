@@ -325,6 +325,7 @@ func upstreamFailure(err error) *failure {
 	var ce *tls.CertificateVerificationError
 	var ue x509.UnknownAuthorityError
 	var he x509.HostnameError
+	var dnsErr *net.DNSError
 	switch {
 	case errors.As(err, &tr):
 		return newFailure(sqlConnectionFailure, broker.CodeUpstreamTLS, "keygate: the database does not offer TLS, which this listener requires", err)
@@ -332,6 +333,9 @@ func upstreamFailure(err error) *failure {
 		return newFailure(sqlConnectionFailure, broker.CodeUpstreamTLS, "keygate: the database's TLS certificate did not verify", err)
 	case errors.As(err, &tf):
 		return newFailure(sqlConnectionFailure, broker.CodeUpstreamTLS, "keygate: TLS with the database failed", err)
+	case errors.As(err, &dnsErr):
+		// Before the timeout case: a resolver timeout is a DNS failure.
+		return newFailure(sqlConnectionFailure, broker.CodeDNSFailure, "keygate: the database's name could not be resolved", err)
 	case errors.Is(err, context.DeadlineExceeded), isTimeout(err):
 		return newFailure(sqlConnectionFailure, broker.CodeUpstreamTimeout, "keygate: the database did not answer in time", err)
 	}
