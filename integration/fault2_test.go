@@ -341,7 +341,7 @@ func TestBrokenReloadKeepsLastGood(t *testing.T) {
 // that would allow anything: an evaluation error must deny, never fall
 // through to it.
 const f11Config = baseConfig + `
-limits: {max_header_bytes: 4194304}
+limits: {max_header_bytes: 4194304, max_header_count: 20000}
 credentials:
   tok: {source: static, value: env:KG_E2E_TOKEN}
 rules:
@@ -403,10 +403,9 @@ func TestRuntimeRuleErrorFailsClosed(t *testing.T) {
 			resp.Body.Close()
 			took := time.Since(start)
 			h.recordResponse("f11 "+tc.name, resp, body)
-			// The broker's code for a failed evaluation is "denied" (its
-			// message says the evaluation failed); SECURITY-TESTS.md calls
-			// it rule_error, which the broker's vocabulary does not have.
-			expectRefusal(t, tc.name, resp, body, http.StatusForbidden, "denied")
+			// A failed evaluation has its own code, so an operator can tell
+			// a broken rule from an intended denial (F-11).
+			expectRefusal(t, tc.name, resp, body, http.StatusForbidden, "rule_error")
 			var e keygateError
 			_ = json.Unmarshal(body, &e)
 			if e.Rule != tc.rule {

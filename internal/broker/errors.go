@@ -11,6 +11,7 @@ const (
 	CodeUnauthenticated       = "unauthenticated"
 	CodeAttestUnavailable     = "attestation_unavailable"
 	CodeDenied                = "denied"
+	CodeRuleError             = "rule_error" // a rule's `when` failed at run time: fail closed
 	CodeEgressDenied          = "egress_denied"
 	CodePortDenied            = "port_denied"
 	CodePlaintextDenied       = "plaintext_denied"
@@ -22,9 +23,12 @@ const (
 	CodeCredentialUnavailable = "credential_unavailable"
 	CodeCredentialMalformed   = "credential_malformed"
 	CodeUpstreamUnreachable   = "upstream_unreachable"
+	CodeDNSFailure            = "dns_failure"
 	CodeUpstreamTLS           = "upstream_tls"
 	CodeUpstreamTimeout       = "upstream_timeout"
 	CodeLoopDetected          = "loop_detected"
+	CodeTunnelLimit           = "tunnel_limit" // limits.max_tunnels reached
+	CodeRateLimited           = "rate_limited" // e.g. limits.leaf_mints_per_second
 	CodeInternal              = "internal"
 )
 
@@ -32,6 +36,7 @@ var codeStatus = map[string]int{
 	CodeUnauthenticated:       http.StatusProxyAuthRequired,
 	CodeAttestUnavailable:     http.StatusServiceUnavailable,
 	CodeDenied:                http.StatusForbidden,
+	CodeRuleError:             http.StatusForbidden,
 	CodeEgressDenied:          http.StatusForbidden,
 	CodePortDenied:            http.StatusForbidden,
 	CodePlaintextDenied:       http.StatusForbidden,
@@ -43,9 +48,12 @@ var codeStatus = map[string]int{
 	CodeCredentialUnavailable: http.StatusServiceUnavailable,
 	CodeCredentialMalformed:   http.StatusBadGateway,
 	CodeUpstreamUnreachable:   http.StatusBadGateway,
+	CodeDNSFailure:            http.StatusBadGateway,
 	CodeUpstreamTLS:           http.StatusBadGateway,
 	CodeUpstreamTimeout:       http.StatusGatewayTimeout,
 	CodeLoopDetected:          http.StatusLoopDetected,
+	CodeTunnelLimit:           http.StatusServiceUnavailable,
+	CodeRateLimited:           http.StatusServiceUnavailable,
 	CodeInternal:              http.StatusInternalServerError,
 }
 

@@ -49,7 +49,9 @@ func (p *Pipeline) Decide(ctx context.Context, id Identity, t Target) (Decision,
 	}
 	d, err := p.Policy.Decide(ctx, id, t)
 	if err != nil {
-		return Decision{Rule: d.Rule}, &Error{Code: CodeDenied, Message: "rule evaluation failed", Rule: d.Rule, Err: err}
+		// Fail closed, under its own code: the operator must tell a broken
+		// rule from an intended denial (SECURITY-TESTS F-11, T-B8).
+		return Decision{Rule: d.Rule}, &Error{Code: CodeRuleError, Message: "rule evaluation failed", Rule: d.Rule, Err: err}
 	}
 	if !d.Allowed() {
 		if id.Method == MethodAnonymous {

@@ -63,7 +63,7 @@ func TestPipelineAuthorize(t *testing.T) {
 		wantAuth bool
 	}{
 		{"zero decision denies", fakePolicy{}, &fakeSource{c: good}, https, CodeDenied, false},
-		{"policy error denies", fakePolicy{d: allow, err: errors.New("cel")}, &fakeSource{c: good}, https, CodeDenied, false},
+		{"policy error denies", fakePolicy{d: allow, err: errors.New("cel")}, &fakeSource{c: good}, https, CodeRuleError, false},
 		{"nil policy denies", nil, &fakeSource{c: good}, https, CodeDenied, false},
 		{"allow injects", fakePolicy{d: allow}, &fakeSource{c: good}, https, "", true},
 		{"allow without injection", fakePolicy{d: Decision{Action: Allow, Rule: "r"}}, &fakeSource{c: good}, https, "", false},

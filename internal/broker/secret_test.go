@@ -100,6 +100,7 @@ func TestErrorStatus(t *testing.T) {
 	tests := map[string]int{
 		CodeUnauthenticated: 407, CodeDenied: 403, CodeMisdirected: 421, CodeCredentialUnavailable: 503,
 		CodeUpstreamUnreachable: 502, CodeUpstreamTimeout: 504, CodeHeaderTooLarge: 431, "unknown": 500,
+		CodeRuleError: 403, CodeDNSFailure: 502, CodeTunnelLimit: 503, CodeRateLimited: 503,
 	}
 	for code, want := range tests {
 		t.Run(code, func(t *testing.T) {

@@ -308,6 +308,10 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		OnHit:      metrics.LeafCache.WithLabelValues("hit").Inc,
 	})
 	pipe := &broker.Pipeline{Attestor: chain, Policy: set, Sources: sources, Clock: o.Clock}
+	// One tunnel cap and one mint budget for the whole broker: proxy,
+	// proxy_tls and transparent connections draw on the same ones.
+	tunnels := intercept.NewTunnelCap(positive(c.Limits.MaxTunnels), metrics.TunnelsOpen)
+	mints := intercept.NewMintLimiter(positive(c.Limits.LeafMintsPerSecond), 0, o.Clock)
 	rt.reload = reloadState{cfg: c, clock: o.Clock, chain: chain, credMetrics: credMetrics, roots: roots,
 		counter: newReloadCounter(rt.Registry), vaults: vaults, closers: sourceClosers(sources), log: o.Logger}
 	rt.Proxy, err = intercept.New(intercept.Options{
@@ -325,10 +329,13 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 			HandshakeTimeout:  time.Duration(c.Limits.HandshakeTimeout),
 			UpstreamTimeout:   time.Duration(c.Limits.UpstreamTimeout),
 			MaxHeaderBytes:    c.Limits.MaxHeaderBytes,
+			MaxHeaderCount:    positive(c.Limits.MaxHeaderCount),
 		},
 		Clock:       o.Clock,
 		Delegation:  delegation,
 		Transparent: rt.transparentLn != nil,
+		Tunnels:     tunnels,
+		Mints:       mints,
 	})
 	if err != nil {
 		return nil, err
@@ -352,9 +359,12 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 				HandshakeTimeout:  time.Duration(c.Limits.HandshakeTimeout),
 				UpstreamTimeout:   time.Duration(c.Limits.UpstreamTimeout),
 				MaxHeaderBytes:    c.Limits.MaxHeaderBytes,
+				MaxHeaderCount:    positive(c.Limits.MaxHeaderCount),
 			},
 			Clock:      o.Clock,
 			Delegation: delegation,
+			Tunnels:    tunnels,
+			Mints:      mints,
 		})
 		if err != nil {
 			return nil, err

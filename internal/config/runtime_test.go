@@ -212,7 +212,7 @@ rules:
     when: 'request.path == "/legacy"'
     inject: {credential: api-key, as: {header: {name: X-Api-Key}}}
     allow_plaintext: true
-limits: {upstream_timeout: 10s}
+limits: {upstream_timeout: 10s, max_tunnels: 7}
 `, tp, pp)
 	path := writeFile(t, dir, "keygate.yaml", cfg, 0o644)
 	s := start(t, path)
@@ -222,6 +222,9 @@ limits: {upstream_timeout: 10s}
 	}
 	if s.rt.ProxyAddr == nil || s.rt.AdminAddr == nil {
 		t.Fatalf("listeners not reported: %v %v", s.rt.ProxyAddr, s.rt.AdminAddr)
+	}
+	if got := s.rt.Proxy.Tunnels().Max(); got != 7 {
+		t.Errorf("tunnel cap %d, want limits.max_tunnels 7", got)
 	}
 
 	t.Run("admin before traffic", func(t *testing.T) {
@@ -236,6 +239,7 @@ limits: {upstream_timeout: 10s}
 		// credential series are created per credential at Build.
 		for _, want := range []string{
 			"# HELP keygate_request_duration_seconds",
+			"keygate_tunnels_open 0",
 			"# HELP keygate_credential_fetches_total",
 			`keygate_credential_fetches_total{credential="api-token",result="ok"} 0`,
 			`keygate_credential_fetches_total{credential="api-key",result="cache_hit"} 0`,

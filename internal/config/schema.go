@@ -320,6 +320,19 @@ type Limits struct {
 	HandshakeTimeout  Duration `yaml:"handshake_timeout"`
 	UpstreamTimeout   Duration `yaml:"upstream_timeout"`
 	MaxHeaderBytes    int      `yaml:"max_header_bytes"`
+	// The caps below have no "off": absent means the default, and 0 or a
+	// negative value is a config error (a cap of 0 would refuse everything).
+	MaxHeaderCount     *int `yaml:"max_header_count"`      // default 200
+	MaxTunnels         *int `yaml:"max_tunnels"`           // default 2048
+	LeafMintsPerSecond *int `yaml:"leaf_mints_per_second"` // per caller identity; default 50 (burst the same)
+}
+
+// positive is *v, or 0 (the intercept default) when absent.
+func positive(v *int) int {
+	if v == nil {
+		return 0
+	}
+	return *v
 }
 
 // Demo runs a built-in HTTPS echo upstream for trying keygate. Never enable

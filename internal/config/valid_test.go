@@ -112,6 +112,18 @@ func TestValidConfigs(t *testing.T) {
 			if l.MaxHeaderBytes != 32768 {
 				t.Errorf("max_header_bytes = %d", l.MaxHeaderBytes)
 			}
+			for _, n := range []struct {
+				name string
+				got  *int
+				want int
+			}{
+				{"max_header_count", l.MaxHeaderCount, 100}, {"max_tunnels", l.MaxTunnels, 512},
+				{"leaf_mints_per_second", l.LeafMintsPerSecond, 20},
+			} {
+				if n.got == nil || *n.got != n.want {
+					t.Errorf("%s = %v, want %d", n.name, n.got, n.want)
+				}
+			}
 			if c.Egress.DenyPrivate == nil || !*c.Egress.DenyPrivate {
 				t.Errorf("deny_private not decoded as true")
 			}

@@ -164,6 +164,17 @@ func (c *Config) validate() Problems {
 	if c.Limits.MaxHeaderBytes < 0 {
 		add("limits.max_header_bytes must not be negative", "limits", "max_header_bytes")
 	}
+	for _, l := range []struct {
+		key string
+		v   *int
+	}{
+		{"max_header_count", c.Limits.MaxHeaderCount}, {"max_tunnels", c.Limits.MaxTunnels},
+		{"leaf_mints_per_second", c.Limits.LeafMintsPerSecond},
+	} {
+		if l.v != nil && *l.v <= 0 {
+			add(fmt.Sprintf("limits.%s must be positive (leave it out for the default)", l.key), "limits", l.key)
+		}
+	}
 
 	for name, cr := range c.Credentials {
 		ps = append(ps, c.validateCredential(name, cr)...)

@@ -34,8 +34,7 @@ func (r *dnsFault) LookupNetIP(ctx context.Context, _, host string) ([]netip.Add
 // is "localhost" on 127.0.0.1 (inside the egress allow-list), so any
 // fallback to the system resolver (which knows localhost) would reach it:
 // it is the private-IP canary and must see 0 connections. The workload
-// gets a broker refusal (502 upstream_unreachable: the broker has no
-// separate dns_failure code) within 2 s, the name is looked up once per
+// gets a broker refusal (502 dns_failure) within 2 s, the name is looked up once per
 // request (no retry storm), and the audit line carries the error.
 func TestDNSFailureFailsClosed(t *testing.T) {
 	var conns atomic.Int64
@@ -80,8 +79,8 @@ func TestDNSFailureFailsClosed(t *testing.T) {
 				start := time.Now()
 				status, code, rid := h.dnsFaultRequest(authority)
 				took := time.Since(start)
-				if status != http.StatusBadGateway || code != broker.CodeUpstreamUnreachable {
-					t.Errorf("request %d: %d %q, want 502 %q", i, status, code, broker.CodeUpstreamUnreachable)
+				if status != http.StatusBadGateway || code != broker.CodeDNSFailure {
+					t.Errorf("request %d: %d %q, want 502 %q", i, status, code, broker.CodeDNSFailure)
 				}
 				if took > 2*time.Second {
 					t.Errorf("request %d: refused after %v, want within 2s", i, took)

@@ -37,7 +37,17 @@
 //     refused, so a rule and an upstream cannot read different values.
 //   - A panic while handling one request yields a 500 to that client only.
 //     Header size limits and read-header timeouts apply inside tunnels too,
-//     because each tunnel is served by its own net/http server.
+//     because each tunnel is served by its own net/http server. The byte
+//     limit is exact (net/http's 4 KiB slack is taken off, and the framing
+//     guard counts the head too); a head over it, or with more fields than
+//     MaxHeaderCount, is 431 and a close, before attestation.
+//   - Tunnels of every kind (intercepted, opaque, redirected) hold a slot of
+//     one TunnelCap shared by the broker's listeners; past it a CONNECT is
+//     503 tunnel_limit and nothing is dialled. A slot is released however
+//     the tunnel ends, a panic included (limits.go).
+//   - A leaf that is not cached is minted only within the caller identity's
+//     MintLimiter budget; over it the CONNECT is 503 rate_limited before
+//     anything is minted.
 //   - A response to a request with an injected credential has that
 //     credential's exact forms masked, same length, in headers, trailers
 //     and an identity-encoded body (streamed); compressed bodies and

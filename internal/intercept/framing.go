@@ -47,6 +47,7 @@ const (
 	reasonTrailer        = "malformed trailer section"
 	reasonBareCR         = "bare CR in the request head"
 	reasonAfterUnframed  = "bytes after a request whose framing was refused"
+	reasonHeadTooLarge   = "request line and headers over limits.max_header_bytes"
 	maxChunkLine         = 4096 // net/http's bufio size bounds a chunk line the same way
 	maxFieldValue        = 64   // enough for any valid Transfer-Encoding or Content-Length
 	maxVersionBytes      = 16
@@ -86,6 +87,13 @@ const (
 type framer struct {
 	st uint8
 
+	// maxHead, when > 0, is the most bytes a request head (request line
+	// through the blank line) may have; headN counts the current head's
+	// bytes in earlier reads, headFrom is where it starts in this one.
+	maxHead  int
+	headN    int
+	headFrom int
+
 	// request line
 	spaces    int // spaces seen in the request line
 	method    int // bytes of "CONNECT" matched so far; -1 once it differs
@@ -121,6 +129,35 @@ type framer struct {
 // before the refused request's head, when that head starts in p) and the
 // error.
 func (f *framer) feed(p []byte) (int, error) {
+	f.headFrom = 0
+	n, err := f.scan(p)
+	if err == nil && f.maxHead > 0 && f.inHead() {
+		// The head goes on past this read: count what it has so far.
+		f.headN += len(p) - f.headFrom
+		if f.headN > f.maxHead {
+			f.st = fsDead
+			return f.headFrom, &errFraming{reason: reasonHeadTooLarge}
+		}
+	}
+	return n, err
+}
+
+// inHead reports whether the framer is inside a request head.
+func (f *framer) inHead() bool {
+	switch f.st {
+	case fsRequestLine, fsLineStart, fsHeadCR, fsFieldName, fsFieldValue:
+		return true
+	}
+	return false
+}
+
+// headOver reports whether the head ending at p[i] is over maxHead.
+func (f *framer) headOver(i int) bool {
+	return f.maxHead > 0 && f.headN+i+1-f.headFrom > f.maxHead
+}
+
+// scan is feed without the head-size count of a head left unfinished.
+func (f *framer) scan(p []byte) (int, error) {
 	// headStart is where the current request began in p; 0 when it began
 	// in an earlier read (then nothing of p is delivered on a refusal).
 	headStart := 0
@@ -141,7 +178,7 @@ func (f *framer) feed(p []byte) (int, error) {
 				continue // net/http tolerates blank lines after a POST; a stray one elsewhere it refuses
 			}
 			f.startHead()
-			headStart = i
+			headStart, f.headFrom = i, i
 			f.st = fsRequestLine
 			i-- // re-read c as the first byte of the request line
 
@@ -180,6 +217,9 @@ func (f *framer) feed(p []byte) (int, error) {
 			case '\r':
 				f.st = fsHeadCR
 			case '\n':
+				if f.headOver(i) {
+					return refuse(reasonHeadTooLarge)
+				}
 				if n, err := f.endHead(); err != nil {
 					return refuse(err.Error())
 				} else if n == fsTunnel {
@@ -204,6 +244,9 @@ func (f *framer) feed(p []byte) (int, error) {
 		case fsHeadCR:
 			if c != '\n' {
 				return refuse(reasonBareCR)
+			}
+			if f.headOver(i) {
+				return refuse(reasonHeadTooLarge)
 			}
 			if n, err := f.endHead(); err != nil {
 				return refuse(err.Error())
@@ -367,7 +410,7 @@ func (f *framer) feed(p []byte) (int, error) {
 }
 
 func (f *framer) startHead() {
-	*f = framer{cl: f.cl[:0], method: 0}
+	*f = framer{cl: f.cl[:0], method: 0, maxHead: f.maxHead}
 }
 
 func (f *framer) startChunk() {
@@ -543,7 +586,7 @@ func (c *framingConn) CloseWrite() error {
 }
 
 func (p *Proxy) guardFraming(c net.Conn) net.Conn {
-	return &framingConn{Conn: c, refused: func(reason string) {
+	return &framingConn{Conn: c, f: framer{maxHead: p.limits.MaxHeaderBytes}, refused: func(reason string) {
 		p.log.Info("refused a request with ambiguous framing", zap.String("listener", p.opts.Listener),
 			zap.String("reason", reason), zap.String("remote", c.RemoteAddr().String()))
 		if p.opts.Metrics != nil {

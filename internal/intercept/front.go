@@ -26,7 +26,7 @@ func (p *Proxy) serveFront(rw http.ResponseWriter, r *http.Request) {
 		// head; any answer that does not hijack it must end it.
 		w.Header().Set("Connection", "close")
 	}
-	if err := checkInbound(r); err != nil {
+	if err := p.checkRequest(r); err != nil {
 		refuseAndClose(w, x.fail(err), x.rec.RequestID)
 		return
 	}
@@ -174,6 +174,12 @@ func (p *Proxy) onConnect(authority string, ctx *goproxy.ProxyCtx) (*goproxy.Con
 			p.tunnel(ctx.Req.Context(), c, x, host, port)
 		}}, authority
 	case broker.Allow:
+		// Interception mints a leaf for host unless one is cached: the
+		// caller's mint budget is checked now, while a refusal can still
+		// be an HTTP answer.
+		if err := p.admitMint(x.identity, host); err != nil {
+			return reject(err)
+		}
 		x.rec.Decision = broker.AuditAllow
 		return &goproxy.ConnectAction{Action: goproxy.ConnectHijack, Hijack: func(_ *http.Request, c net.Conn, _ *goproxy.ProxyCtx) {
 			p.intercept(c, x, host, port)
@@ -194,13 +200,19 @@ func (p *Proxy) onRequest(r *http.Request, ctx *goproxy.ProxyCtx) (*http.Request
 	// Declared trailers would reach the upstream after injection, outside
 	// the slot the injector owns; they are not forwarded.
 	r.Trailer = nil
+	path := r.URL.Path
+	if path == "" {
+		// "http://host" with no path is sent as "GET / HTTP/1.1": the rule
+		// judges what the upstream will be asked for.
+		path = "/"
+	}
 	t := broker.Target{
 		Phase:    broker.PhaseRequest,
 		Protocol: r.URL.Scheme,
 		Host:     x.rec.Host,
 		Port:     x.rec.Port,
 		Method:   r.Method,
-		Path:     r.URL.Path,
+		Path:     path,
 		Query:    r.URL.RawQuery,
 	}
 	if policyUsesHeaders(x.pipe) {

@@ -133,6 +133,8 @@ type harnessOpts struct {
 	// original destinations come from h.redirect, not from a NAT table.
 	transparent bool
 	resolver    egress.Resolver // default net.DefaultResolver
+	// wrapLeaves, when set, wraps the leaf source (to make it fail).
+	wrapLeaves func(LeafSource) LeafSource
 }
 
 // newCanary is a credential value registered for the suite-wide sweep.
@@ -160,6 +162,10 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 		mintMu.Unlock()
 		h.metrics.LeafCache.WithLabelValues("mint").Inc()
 	}})
+	var leafSrc LeafSource = leaves
+	if o.wrapLeaves != nil {
+		leafSrc = o.wrapLeaves(leaves)
+	}
 	h.upRoots = x509.NewCertPool()
 	for _, s := range o.roots {
 		h.upRoots.AddCert(s.Certificate())
@@ -200,7 +206,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	p, err := New(Options{
 		Pipeline:      &broker.Pipeline{Attestor: h.attestor, Policy: set, Sources: h.sources},
 		Dialer:        dialer,
-		Leaves:        leaves,
+		Leaves:        leafSrc,
 		UpstreamRoots: h.upRoots,
 		Fingerprints:  broker.NewFingerprinter(),
 		Logger:        zap.New(core),

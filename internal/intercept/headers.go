@@ -95,6 +95,20 @@ func hasInternalPrefix(lk string) bool {
 	return false
 }
 
+// checkRequest is checkInbound plus the header-count limit: net/http
+// bounds a head's bytes, not its fields, and every field costs a map entry
+// here and a look in every rule that reads headers.
+func (p *Proxy) checkRequest(r *http.Request) error {
+	n := 1 // Host, which net/http moves out of r.Header
+	for _, vs := range r.Header {
+		n += len(vs)
+	}
+	if n > p.limits.MaxHeaderCount {
+		return broker.NewError(broker.CodeHeaderTooLarge, "too many header fields", nil)
+	}
+	return checkInbound(r)
+}
+
 // checkInbound rejects request shapes that a later hop could read
 // differently (SECURITY-TESTS.md §3): header names with whitespace or other
 // non-token bytes, TRACE and Max-Forwards. Shapes net/http normalises away

@@ -11,6 +11,7 @@ type Metrics struct {
 	AttestFailures *prometheus.CounterVec
 	LeafCache      *prometheus.CounterVec
 	Active         *prometheus.GaugeVec
+	TunnelsOpen    prometheus.Gauge
 }
 
 // NewMetrics registers the series on reg.
@@ -37,7 +38,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "keygate_active_connections",
 			Help: "Open workload connections, by listener.",
 		}, []string{"listener"}),
+		TunnelsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "keygate_tunnels_open",
+			Help: "Open tunnels of every kind (intercepted, opaque, redirected), counted against limits.max_tunnels.",
+		}),
 	}
-	reg.MustRegister(m.Requests, m.Duration, m.AttestFailures, m.LeafCache, m.Active)
+	reg.MustRegister(m.Requests, m.Duration, m.AttestFailures, m.LeafCache, m.Active, m.TunnelsOpen)
 	return m
 }

@@ -32,7 +32,25 @@ func (p *Proxy) tunnel(ctx context.Context, client net.Conn, x *exchange, host s
 		return
 	}
 	defer done()
+	release, ok := p.acquireTunnel(client, x)
+	if !ok {
+		return
+	}
+	defer release()
 	p.dialAndSplice(ctx, client, x, host, port, connectEstablished(x.rec.RequestID))
+}
+
+// acquireTunnel takes a tunnel slot for a hijacked CONNECT before anything
+// is dialled or answered; past the cap the workload gets 503 tunnel_limit
+// (Retry-After) on the raw connection. The caller defers release, so the
+// slot comes back however the tunnel ends, a panic included.
+func (p *Proxy) acquireTunnel(client net.Conn, x *exchange) (release func(), ok bool) {
+	release, ok = p.tunnels.acquire()
+	if !ok {
+		x.rec.Decision = broker.AuditDeny
+		writeRawError(client, x.fail(errTunnelLimit()), x.rec.RequestID)
+	}
+	return release, ok
 }
 
 // spliceTo is a tunnel for a transparent connection: no CONNECT to answer.
@@ -93,6 +111,11 @@ func (p *Proxy) intercept(client net.Conn, x *exchange, host string, port int) {
 		return
 	}
 	defer done()
+	release, ok := p.acquireTunnel(client, x)
+	if !ok {
+		return
+	}
+	defer release()
 	if _, err := client.Write(connectEstablished(x.rec.RequestID)); err != nil {
 		return
 	}
@@ -144,7 +167,7 @@ func (p *Proxy) serveConn(c net.Conn, h http.Handler) {
 		Handler:           h,
 		ReadHeaderTimeout: p.limits.ReadHeaderTimeout,
 		IdleTimeout:       p.limits.IdleTimeout,
-		MaxHeaderBytes:    p.limits.MaxHeaderBytes,
+		MaxHeaderBytes:    httpMaxHeaderBytes(p.limits.MaxHeaderBytes),
 		ErrorLog:          httpErrorLog(p.log),
 	}
 	ln := newOneConnListener(p.guardFraming(c))
@@ -185,7 +208,7 @@ func (p *Proxy) innerHandler(tun *exchange, host string, port int) http.Handler 
 		defer p.finish(x)
 		defer p.recoverPanic(w, x)
 
-		if err := checkInbound(r); err != nil {
+		if err := p.checkRequest(r); err != nil {
 			refuseAndClose(w, x.fail(err), x.rec.RequestID)
 			return
 		}

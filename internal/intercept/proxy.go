@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/elazarl/goproxy"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/keygate/broker/internal/broker"
@@ -39,9 +40,17 @@ type LeafSource interface {
 type Limits struct {
 	ReadHeaderTimeout time.Duration // front door and inside tunnels; default 10s
 	IdleTimeout       time.Duration // keep-alive idle; default 120s
-	MaxHeaderBytes    int           // request line + headers; default 64 KiB
+	MaxHeaderBytes    int           // request line + headers, exactly; default 64 KiB
+	MaxHeaderCount    int           // header fields per request, Host included; default 200
 	HandshakeTimeout  time.Duration // workload TLS handshake in a tunnel; default 10s
 	UpstreamTimeout   time.Duration // wait for upstream response headers; default 60s
+	// MaxTunnels caps open tunnels of every kind (default 2048); used when
+	// Options.Tunnels is nil.
+	MaxTunnels int
+	// LeafMintsPerSecond and LeafMintBurst limit leaf mints per caller
+	// identity (default 50/s, burst 50); used when Options.Mints is nil.
+	LeafMintsPerSecond int
+	LeafMintBurst      int
 }
 
 func (l Limits) withDefaults() Limits {
@@ -54,6 +63,9 @@ func (l Limits) withDefaults() Limits {
 	if l.MaxHeaderBytes <= 0 {
 		l.MaxHeaderBytes = 64 << 10
 	}
+	if l.MaxHeaderCount <= 0 {
+		l.MaxHeaderCount = DefaultMaxHeaderCount
+	}
 	if l.HandshakeTimeout <= 0 {
 		l.HandshakeTimeout = 10 * time.Second
 	}
@@ -61,6 +73,14 @@ func (l Limits) withDefaults() Limits {
 		l.UpstreamTimeout = 60 * time.Second
 	}
 	return l
+}
+
+// httpMaxHeaderBytes is the http.Server setting that makes limit the real
+// limit: net/http reads up to MaxHeaderBytes plus 4096 bytes of slack
+// before answering 431. Below that slack the framing guard still refuses a
+// longer head exactly (then with 400).
+func httpMaxHeaderBytes(limit int) int {
+	return max(limit-4096, 1)
 }
 
 // Options configure a Proxy. Pipeline, Dialer, Leaves and Logger are
@@ -80,6 +100,10 @@ type Options struct {
 	// Transparent prepares ServeTransparent: the broker's own upstream
 	// connections are remembered so a redirect loop is detected.
 	Transparent bool
+	// Tunnels and Mints are shared by every listener of one broker, so the
+	// caps hold for the broker as a whole; nil builds one from Limits.
+	Tunnels *TunnelCap
+	Mints   *MintLimiter
 }
 
 // Delegator verifies the on-behalf-of user token carried in Header();
@@ -98,6 +122,9 @@ type Proxy struct {
 	gp     *goproxy.ProxyHttpServer
 	tr     *http.Transport
 	srv    *http.Server
+
+	tunnels *TunnelCap
+	mints   *MintLimiter
 
 	// pipe is swapped whole on reload; every exchange loads it once, so a
 	// decision in flight completes under the snapshot it started with.
@@ -141,6 +168,17 @@ func New(o Options) (*Proxy, error) {
 	}
 	p := &Proxy{opts: o, limits: o.Limits.withDefaults(), log: o.Logger, hijacked: map[net.Conn]struct{}{}, inner: map[*http.Server]*oneConnListener{}}
 	p.pipe.Store(o.Pipeline)
+	p.tunnels, p.mints = o.Tunnels, o.Mints
+	if p.tunnels == nil {
+		var g prometheus.Gauge
+		if o.Metrics != nil {
+			g = o.Metrics.TunnelsOpen
+		}
+		p.tunnels = NewTunnelCap(p.limits.MaxTunnels, g)
+	}
+	if p.mints == nil {
+		p.mints = NewMintLimiter(p.limits.LeafMintsPerSecond, p.limits.LeafMintBurst, o.Clock)
+	}
 	if o.Transparent {
 		p.loops = &loopGuard{}
 		p.opts.Dialer = p.loops.dialer(o.Dialer)
@@ -152,7 +190,7 @@ func New(o Options) (*Proxy, error) {
 		Handler:           http.HandlerFunc(p.serveFront),
 		ReadHeaderTimeout: p.limits.ReadHeaderTimeout,
 		IdleTimeout:       p.limits.IdleTimeout,
-		MaxHeaderBytes:    p.limits.MaxHeaderBytes,
+		MaxHeaderBytes:    httpMaxHeaderBytes(p.limits.MaxHeaderBytes),
 		ErrorLog:          httpErrorLog(p.log),
 		ConnState:         p.trackConnState,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {

@@ -109,8 +109,9 @@ func upstreamError(err error) *broker.Error {
 		return broker.NewError(broker.CodeUpstreamTLS, "the upstream TLS certificate could not be verified", err)
 	case errors.As(err, &dnsErr):
 		// SERVFAIL, NXDOMAIN or a resolver timeout: the upstream was never
-		// contacted, so it is unreachable (502), not slow (504).
-		return broker.NewError(broker.CodeUpstreamUnreachable, "the upstream could not be reached", err)
+		// contacted, so it is a 502 (not a slow upstream's 504), under its
+		// own code so a resolver outage is told apart from a down upstream.
+		return broker.NewError(broker.CodeDNSFailure, "the upstream's name could not be resolved", err)
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
 		return broker.NewError(broker.CodeUpstreamTimeout, "the upstream did not answer in time", err)
 	default:

@@ -530,6 +530,19 @@ func FuzzRequestHead(f *testing.F) {
 			t.Fatalf("verdict depends on read size: %v vs %v", err, perr)
 		}
 
+		// With a head-size limit the verdict (refused or not) does not
+		// depend on the read size either; the reason may (a head both
+		// too large and malformed is refused for whichever is seen first).
+		small, smallParts := framer{maxHead: 64}, framer{maxHead: 64}
+		_, serr := small.feed(bytes.Clone(data))
+		var sperr error
+		for i := 0; i < len(data) && sperr == nil; i += step {
+			_, sperr = smallParts.feed(bytes.Clone(data[i:min(i+step, len(data))]))
+		}
+		if (serr == nil) != (sperr == nil) {
+			t.Fatalf("head-limit verdict depends on read size: %v vs %v", serr, sperr)
+		}
+
 		consumed, stop := goConsumed(data)
 		var g framer
 		_, gerr := g.feed(bytes.Clone(data[:consumed]))

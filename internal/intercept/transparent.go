@@ -121,6 +121,14 @@ func (p *Proxy) serveTransparent(c net.Conn) {
 		return
 	}
 	x.rec.Host, x.rec.Port = orig.Addr().String(), int(orig.Port())
+	// Every redirected connection holds a tunnel slot, whatever it turns
+	// out to carry; past the cap it is closed before a byte is read.
+	release, ok := p.tunnels.acquire()
+	if !ok {
+		x.fail(errTunnelLimit())
+		return
+	}
+	defer release()
 
 	br := bufio.NewReaderSize(c, 4096)
 	_ = c.SetReadDeadline(p.opts.Clock.Now().Add(peekWait))
@@ -176,6 +184,11 @@ func (p *Proxy) transparentTLS(c *peekedConn, br *bufio.Reader, x *exchange, hos
 	case broker.Tunnel:
 		p.spliceTo(context.Background(), c, x, host, port)
 	case broker.Allow:
+		if err := p.admitMint(x.identity, host); err != nil {
+			x.rec.Decision = broker.AuditDeny
+			x.fail(err)
+			return
+		}
 		x.rec.Status = http.StatusOK
 		p.serveTLS(c.Conn, br, x, host, port)
 	}
@@ -234,7 +247,7 @@ func (p *Proxy) transparentHTTP(c *peekedConn, conn *exchange, orig netip.AddrPo
 		x.rec.Protocol, x.rec.Method, x.rec.Path = broker.ProtocolHTTP, r.Method, r.URL.Path
 		defer p.finish(x)
 		defer p.recoverPanic(w, x)
-		if err := checkInbound(r); err != nil {
+		if err := p.checkRequest(r); err != nil {
 			refuseAndClose(w, x.fail(err), x.rec.RequestID)
 			return
 		}

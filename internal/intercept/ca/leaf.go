@@ -143,6 +143,13 @@ func (l *LeafCache) Get(host string) (*tls.Certificate, error) {
 	return v.(*tls.Certificate), nil
 }
 
+// Cached reports whether Get(host) would be served without minting: a
+// fresh leaf is cached. The broker rate-limits only mints.
+func (l *LeafCache) Cached(host string) bool {
+	key, _, err := normalizeHost(host)
+	return err == nil && l.lookup(key) != nil
+}
+
 func (l *LeafCache) hit() {
 	if l.onHit != nil {
 		l.onHit()
