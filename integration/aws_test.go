@@ -100,20 +100,28 @@ func newAWSWorld(t *testing.T) *awsWorld {
 	t.Cleanup(func() { w.scanFor(t, m.RootPassword) })
 
 	w.client = workloadS3(h, b, ports["minio"])
-	w.root = s3.New(s3.Options{
+	// bucket-a is created by the workload, through the broker.
+	w.root = rootS3(t, m, "bucket-b", "bucket-c")
+	return w
+}
+
+// rootS3 is an S3 client for setup and inspection: MinIO's root user,
+// direct (no broker). It creates buckets first.
+func rootS3(t *testing.T, m *testservers.MinIO, buckets ...string) *s3.Client {
+	t.Helper()
+	c := s3.New(s3.Options{
 		Region:       "us-east-1",
 		BaseEndpoint: aws.String(m.Endpoint),
 		UsePathStyle: true,
 		Credentials:  credentials.NewStaticCredentialsProvider(m.RootUser, m.RootPassword, ""),
 		HTTPClient:   &http.Client{Transport: &http.Transport{Proxy: nil, TLSClientConfig: &tls.Config{RootCAs: m.CAPool}}},
 	})
-	// bucket-a is created by the workload, through the broker.
-	for _, bucket := range []string{"bucket-b", "bucket-c"} {
-		if _, err := w.root.CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(bucket)}); err != nil {
+	for _, bucket := range buckets {
+		if _, err := c.CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(bucket)}); err != nil {
 			t.Fatalf("setup: create %s: %v", bucket, err)
 		}
 	}
-	return w
+	return c
 }
 
 // workloadS3 is the workload's S3 client: dummy keys, HTTPS_PROXY at the

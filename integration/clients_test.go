@@ -216,9 +216,16 @@ type toolResult struct {
 // runTool runs a client program with a clean environment plus env, records
 // its output in the transcript and returns it.
 func (h *harness) runTool(name string, env []string, dir string, args ...string) toolResult {
+	h.t.Helper()
+	return h.runToolWithin(testTimeout, name, env, dir, args...)
+}
+
+// runToolWithin is runTool with a time limit other than testTimeout (a
+// pgbench run).
+func (h *harness) runToolWithin(timeout time.Duration, name string, env []string, dir string, args ...string) toolResult {
 	t := h.t
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Env = cleanEnv(h.dir, env...)
@@ -232,7 +239,7 @@ func (h *harness) runTool(name string, env []string, dir string, args ...string)
 	var ee *exec.ExitError
 	switch {
 	case ctx.Err() != nil:
-		t.Fatalf("%s did not finish within %v\nstderr: %s", name, testTimeout, redactCanary(res.stderr))
+		t.Fatalf("%s did not finish within %v\nstderr: %s", name, timeout, redactCanary(res.stderr))
 	case err == nil:
 	case errors.As(err, &ee):
 		res.code = ee.ExitCode()

@@ -610,69 +610,10 @@ func TestSIGKILLMidRequest(t *testing.T) {
 
 	// A fresh process on the same config serves at once.
 	up := newUpstream(t, "f14-after", nil)
-	launched := time.Now()
-	b2 := h.start(spec, map[string]int{"allowed": up.port()})
-	resp, err := h.goClient(b2).Get(fmt.Sprintf("https://localhost:%d/after", up.port()))
-	if err != nil {
-		t.Fatalf("GET through the restarted broker: %v", err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	h.recordResponse("f14 after restart", resp, body)
-	serving := time.Since(launched)
-	if resp.StatusCode != http.StatusOK {
-		t.Errorf("restarted broker: %s, want 200", resp.Status)
-	}
-	if serving > 3*time.Second {
-		t.Errorf("the restarted broker served its first request %v after launch, want ≤ 3s", serving)
-	}
+	serving := h.startServes(t, spec, map[string]int{"allowed": up.port()}, fmt.Sprintf("https://localhost:%d/after", up.port()), "restarted")
 	up.expectInjected(t, 1, h.bearer())
 	t.Logf("F-14: 1 request torn by SIGKILL after %d of %d body bytes; upstream saw %d head(s), %d complete, %d without/with a wrong credential; upstream conn closed %v after the kill; restart served after %v",
 		sent, declared, requests, complete, badCred, lastClose.Round(time.Millisecond), serving.Round(time.Millisecond))
-}
-
-// f12VaultConfig: the canary is a KV v2 secret the broker reads from a real
-// Vault after an AppRole login (cached 5 min, so requests under load use
-// the one login token).
-const f12VaultConfig = `
-listen: {proxy: "{{.Proxy}}", admin: "{{.Admin}}"}
-ca: {cert: "{{.CACert}}", key: "{{.CAKey}}"}
-attestors:
-  - {type: cidr, identities: [{id: ci-runner, cidrs: [127.0.0.1/32]}]}
-egress: {allow_cidrs: [127.0.0.1/32], connect_ports: [{{index .Ports "up"}}], ca_bundle: "{{.Bundle}}"}
-vaults:
-  legacy:
-    address: "@VAULT@"
-    auth: {method: approle, role_id_file: "@ROLE@", secret_id_file: "@SECRET@"}
-credentials:
-  github: {source: vault_kv, vault: legacy, path: secret/data/app/github, field: token, cache: 5m}
-rules:
-  - name: api
-    hosts: [localhost]
-    inject: {credential: github, as: bearer}
-`
-
-// approleAccessors returns the accessors of the live tokens made by an
-// AppRole login (the broker's), via the root token.
-func approleAccessors(t *testing.T, v *testservers.Vault) []string {
-	t.Helper()
-	code, out, err := v.Do("LIST", "auth/token/accessors", nil)
-	if err != nil || code != http.StatusOK {
-		t.Fatalf("LIST auth/token/accessors: %d %v", code, err)
-	}
-	keys, _ := out["data"].(map[string]any)["keys"].([]any)
-	var found []string
-	for _, k := range keys {
-		acc, _ := k.(string)
-		code, info, err := v.Do("POST", "auth/token/lookup-accessor", map[string]any{"accessor": acc})
-		if err != nil || code != http.StatusOK {
-			continue
-		}
-		if d, _ := info["data"].(map[string]any); d != nil && d["path"] == "auth/approle/login" {
-			found = append(found, acc)
-		}
-	}
-	return found
 }
 
 // TestSIGTERMRevokesAndRestarts (F-12, the parts TestSIGTERMUnderLoad
@@ -689,23 +630,10 @@ func TestSIGTERMRevokesAndRestarts(t *testing.T) {
 	v := testservers.StartVault(t)
 	h := newHarness(t)
 	up := newUpstream(t, "f12", nil)
-	v.Must("PUT", "sys/policy/keygate", map[string]any{"policy": `path "secret/data/app/*" { capabilities = ["read"] }`})
-	v.MustEventually("POST", "sys/auth/approle", map[string]any{"type": "approle"})
-	v.Must("POST", "auth/approle/role/keygate", map[string]any{"token_policies": []string{"keygate"}, "token_ttl": "10m"})
-	roleID := v.Must("GET", "auth/approle/role/keygate/role-id", nil)["data"].(map[string]any)["role_id"].(string)
+	role := newAppRole(t, v, t.TempDir(), kvReadPolicy, "10m")
 	v.Must("POST", "secret/data/app/github", map[string]any{"data": map[string]any{"token": h.canary}})
-	dir := t.TempDir()
-	roleFile, secretFile := filepath.Join(dir, "role-id"), filepath.Join(dir, "secret-id")
-	writeSecretID := func() {
-		secretID := v.Must("POST", "auth/approle/role/keygate/secret-id", nil)["data"].(map[string]any)["secret_id"].(string)
-		for p, s := range map[string]string{roleFile: roleID, secretFile: secretID} {
-			if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	writeSecretID()
-	cfg := strings.NewReplacer("@VAULT@", v.Addr, "@ROLE@", roleFile, "@SECRET@", secretFile).Replace(f12VaultConfig)
+	// Cached 5 min, so requests under load use the one login token.
+	cfg := strings.NewReplacer("@VAULT@", v.Addr, "@ROLE@", role.roleFile, "@SECRET@", role.secretFile, "@CACHE@", "5m").Replace(vaultKVConfig)
 	spec := brokerSpec{name: "f12", config: cfg}
 	ports := map[string]int{"up": up.port()}
 	b := h.start(spec, ports)
@@ -792,17 +720,8 @@ func TestSIGTERMRevokesAndRestarts(t *testing.T) {
 			}
 		}()
 	}
-	select {
-	case <-b.done:
-	case <-time.After(testTimeout + 2*time.Second):
-		_ = b.cmd.Process.Kill()
-		<-b.done
-		t.Errorf("broker did not exit within %v of SIGTERM", testTimeout+2*time.Second)
-	}
+	b.awaitExit(t, testTimeout+2*time.Second)
 	exited := time.Since(sigAt)
-	if b.waitErr != nil {
-		t.Errorf("broker exit after SIGTERM: %v (want 0)", b.waitErr)
-	}
 	twg.Wait()
 	load.stop()
 	if open > 0 {
@@ -839,23 +758,8 @@ func TestSIGTERMRevokesAndRestarts(t *testing.T) {
 
 	// A new process on the same config (a new AppRole secret id, as a
 	// secret-id with a use limit would need) serves within 3 s of launch.
-	writeSecretID()
-	launched := time.Now()
-	b2 := h.start(spec, ports)
-	resp, err = h.goClient(b2).Get(target)
-	if err != nil {
-		t.Fatalf("GET through the new broker: %v", err)
-	}
-	body, _ = io.ReadAll(resp.Body)
-	resp.Body.Close()
-	h.recordResponse("f12 after restart", resp, body)
-	serving := time.Since(launched)
-	if resp.StatusCode != http.StatusOK {
-		t.Errorf("new broker: %s, want 200", resp.Status)
-	}
-	if serving > 3*time.Second {
-		t.Errorf("the new broker served its first request %v after launch, want ≤ 3s", serving)
-	}
+	role.newSecretID(t)
+	serving := h.startServes(t, spec, ports, target, "new")
 	t.Logf("F-12: %d load requests (%d complete 200s), %d idle tunnels; listener closed %v, tunnels closed by %v, exit %v after SIGTERM; upstream %d requests, %d without/with a wrong credential; login token revoked: %v; new process served after %v",
 		len(res), okCount, nTunnels, listenerClosed.Round(time.Millisecond), tunnelsClosed.Round(time.Millisecond),
 		exited.Round(time.Millisecond), len(reqs), bad, code != http.StatusOK, serving.Round(time.Millisecond))

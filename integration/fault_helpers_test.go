@@ -19,7 +19,6 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
 	"github.com/keygate/broker/internal/canarytest"
@@ -45,10 +44,9 @@ type vaultWorld struct {
 	b      *brokerProc
 	client *http.Client
 
-	dir                  string
-	roleFile, secretFile string
-	secretID             string
-	auditLog             string
+	dir      string
+	auditLog string
+	*appRole // the broker's login; replaced when seed runs again
 }
 
 // vaultFaultConfig: one rule per path prefix, each with its own
@@ -107,7 +105,6 @@ func newVaultWorldVia(t *testing.T, front func(v *testservers.Vault) string) *va
 		addr = front(v)
 	}
 	w.up = newUpstream(t, "vault-fault", nil)
-	w.roleFile, w.secretFile = filepath.Join(w.dir, "role-id"), filepath.Join(w.dir, "secret-id")
 	w.auditLog = filepath.Join(w.dir, "vault-audit.log")
 	w.seed()
 	cfg := strings.NewReplacer("@VAULT@", addr, "@ROLE@", w.roleFile,
@@ -141,18 +138,74 @@ func (w *vaultWorld) seed() {
 	// issued to the broker, so the sweep can look for them.
 	v.MustEventually("PUT", "sys/audit/file", map[string]any{"type": "file",
 		"options": map[string]any{"file_path": w.auditLog, "log_raw": true}})
-	v.Must("PUT", "sys/policy/keygate", map[string]any{"policy": `path "secret/data/app/*" { capabilities = ["read"] }`})
-	v.MustEventually("POST", "sys/auth/approle", map[string]any{"type": "approle"})
-	v.Must("POST", "auth/approle/role/keygate", map[string]any{"token_policies": []string{"keygate"}, "token_ttl": "10m"})
-	roleID := v.Must("GET", "auth/approle/role/keygate/role-id", nil)["data"].(map[string]any)["role_id"].(string)
-	w.secretID = v.Must("POST", "auth/approle/role/keygate/secret-id", nil)["data"].(map[string]any)["secret_id"].(string)
-	canarytest.Register("fault matrix AppRole secret id", w.secretID)
+	w.appRole = newAppRole(w.h.t, v, w.dir, kvReadPolicy, "10m")
 	v.MustEventually("POST", "secret/data/app/github", map[string]any{"data": map[string]any{"token": w.h.canary}})
-	for p, s := range map[string]string{w.roleFile: roleID, w.secretFile: w.secretID} {
+}
+
+// kvReadPolicy lets the broker's AppRole read the KV v2 secrets under
+// secret/data/app/.
+const kvReadPolicy = `path "secret/data/app/*" { capabilities = ["read"] }`
+
+// dbCredsPolicy lets the broker's AppRole take, renew and revoke users of
+// the database engine's role app.
+const dbCredsPolicy = `
+path "database/creds/app" { capabilities = ["read"] }
+path "sys/leases/renew/database/creds/app/*" { capabilities = ["update"] }
+path "sys/leases/revoke/database/creds/app/*" { capabilities = ["update"] }
+`
+
+// appRole is the broker's AppRole login to a real Vault: policy and role
+// "keygate", and the role-id and secret-id files the broker reads at each
+// login.
+type appRole struct {
+	vault                *testservers.Vault
+	roleID               string
+	roleFile, secretFile string
+	secretID             string // the latest issued; registered with canarytest
+}
+
+// newAppRole writes policy as "keygate", enables AppRole (dev mode starts
+// without it, after a restart too), creates role "keygate" whose tokens
+// live tokenTTL, and writes its files into dir with a fresh secret id.
+func newAppRole(t *testing.T, v *testservers.Vault, dir, policy, tokenTTL string) *appRole {
+	t.Helper()
+	v.Must("PUT", "sys/policy/keygate", map[string]any{"policy": policy})
+	v.MustEventually("POST", "sys/auth/approle", map[string]any{"type": "approle"})
+	v.Must("POST", "auth/approle/role/keygate", map[string]any{"token_policies": []string{"keygate"}, "token_ttl": tokenTTL})
+	a := &appRole{vault: v, roleFile: filepath.Join(dir, "role-id"), secretFile: filepath.Join(dir, "secret-id")}
+	a.roleID = v.Must("GET", "auth/approle/role/keygate/role-id", nil)["data"].(map[string]any)["role_id"].(string)
+	a.newSecretID(t)
+	return a
+}
+
+// newSecretID issues a new secret id for the role and (re)writes both
+// files.
+func (a *appRole) newSecretID(t *testing.T) {
+	t.Helper()
+	a.secretID = a.vault.Must("POST", "auth/approle/role/keygate/secret-id", nil)["data"].(map[string]any)["secret_id"].(string)
+	canarytest.Register("AppRole secret id ("+t.Name()+")", a.secretID)
+	for p, s := range map[string]string{a.roleFile: a.roleID, a.secretFile: a.secretID} {
 		if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
-			w.h.t.Fatal(err)
+			t.Fatal(err)
 		}
 	}
+}
+
+// vaultPostgres mounts Vault's database engine on pg (connection "pg")
+// with role "app": a LOGIN role valid until its lease ends, for
+// defaultTTL (max maxTTL).
+func vaultPostgres(v *testservers.Vault, pg *testservers.Postgres, defaultTTL, maxTTL string) {
+	v.MustEventually("POST", "sys/mounts/database", map[string]any{"type": "database"})
+	v.Must("POST", "database/config/pg", map[string]any{
+		"plugin_name":             "postgresql-database-plugin",
+		"connection_url":          fmt.Sprintf("postgresql://{{username}}:{{password}}@127.0.0.1:%d/postgres?sslmode=disable", pg.Port),
+		"username":                pg.User,
+		"password":                pg.Password,
+		"allowed_roles":           "app",
+		"password_authentication": "scram-sha-256",
+	})
+	v.Must("POST", "database/roles/app", map[string]any{"db_name": "pg", "default_ttl": defaultTTL, "max_ttl": maxTTL,
+		"creation_statements": []string{`CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';`}})
 }
 
 // get sends GET https://localhost:up/path through the broker and returns
@@ -191,28 +244,13 @@ func doVia(t *testing.T, h *harness, c *http.Client, method, url string, body []
 // in log order.
 func (w *vaultWorld) auditReads(t *testing.T, path string) []time.Time {
 	t.Helper()
-	f, err := os.Open(w.auditLog)
+	entries, err := readVaultAudit(w.auditLog, "request", path)
 	if err != nil {
 		t.Fatalf("vault audit log: %v", err)
 	}
-	defer f.Close()
 	var out []time.Time
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 0, 64<<10), 8<<20)
-	for sc.Scan() {
-		var e struct {
-			Time    time.Time `json:"time"`
-			Type    string    `json:"type"`
-			Request struct {
-				Path string `json:"path"`
-			} `json:"request"`
-		}
-		if json.Unmarshal(sc.Bytes(), &e) == nil && e.Type == "request" && e.Request.Path == path {
-			out = append(out, e.Time)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		t.Fatalf("vault audit log: %v", err)
+	for _, e := range entries {
+		out = append(out, e.Time)
 	}
 	return out
 }
@@ -221,30 +259,52 @@ func (w *vaultWorld) auditReads(t *testing.T, path string) []time.Time {
 // from the raw audit log.
 func (w *vaultWorld) brokerTokens(t *testing.T) []string {
 	t.Helper()
-	data, err := os.ReadFile(w.auditLog)
+	entries, err := readVaultAudit(w.auditLog, "response", "auth/approle/login")
 	if err != nil {
 		t.Errorf("vault audit log: %v", err)
 		return nil
 	}
 	var out []string
-	for _, line := range bytes.Split(data, []byte("\n")) {
-		var e struct {
-			Type    string `json:"type"`
-			Request struct {
-				Path string `json:"path"`
-			} `json:"request"`
-			Response struct {
-				Auth struct {
-					ClientToken string `json:"client_token"`
-				} `json:"auth"`
-			} `json:"response"`
-		}
-		if json.Unmarshal(line, &e) == nil && e.Type == "response" && e.Request.Path == "auth/approle/login" &&
-			e.Response.Auth.ClientToken != "" {
+	for _, e := range entries {
+		if e.Response.Auth.ClientToken != "" {
 			out = append(out, e.Response.Auth.ClientToken)
 		}
 	}
 	return out
+}
+
+// vaultAuditEntry is one line of Vault's file audit log, as far as the
+// tests read it (the response's token and password need log_raw).
+type vaultAuditEntry struct {
+	Time    time.Time `json:"time"`
+	Type    string    `json:"type"` // "request" or "response"
+	Request struct {
+		Path      string `json:"path"`
+		Operation string `json:"operation"`
+	} `json:"request"`
+	Response struct {
+		Auth struct {
+			ClientToken string `json:"client_token"`
+		} `json:"auth"`
+		Data map[string]any `json:"data"`
+	} `json:"response"`
+}
+
+// readVaultAudit returns the entries of type typ for the request path in
+// the Vault audit log file, in log order.
+func readVaultAudit(file, typ, path string) ([]vaultAuditEntry, error) {
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	var out []vaultAuditEntry
+	for _, line := range bytes.Split(data, []byte("\n")) {
+		var e vaultAuditEntry
+		if json.Unmarshal(line, &e) == nil && e.Type == typ && e.Request.Path == path {
+			out = append(out, e)
+		}
+	}
+	return out, nil
 }
 
 // auditCount is len(auditReads).
@@ -258,23 +318,34 @@ func (w *vaultWorld) auditCount(t *testing.T, path string) int {
 // not told.
 func (w *vaultWorld) revokeBrokerTokens(t *testing.T) int {
 	t.Helper()
-	list := w.v.Must("LIST", "auth/token/accessors", nil)
-	keys, _ := list["data"].(map[string]any)["keys"].([]any)
-	n := 0
+	accs := approleAccessors(t, w.v)
+	for _, acc := range accs {
+		w.v.Must("POST", "auth/token/revoke-accessor", map[string]any{"accessor": acc})
+	}
+	return len(accs)
+}
+
+// approleAccessors returns the accessors of the live tokens made by an
+// AppRole login (the broker's), via the root token.
+func approleAccessors(t *testing.T, v *testservers.Vault) []string {
+	t.Helper()
+	code, out, err := v.Do("LIST", "auth/token/accessors", nil)
+	if err != nil || code != http.StatusOK {
+		t.Fatalf("LIST auth/token/accessors: %d %v", code, err)
+	}
+	keys, _ := out["data"].(map[string]any)["keys"].([]any)
+	var found []string
 	for _, k := range keys {
 		acc, _ := k.(string)
-		code, info, err := w.v.Do("POST", "auth/token/lookup-accessor", map[string]any{"accessor": acc})
+		code, info, err := v.Do("POST", "auth/token/lookup-accessor", map[string]any{"accessor": acc})
 		if err != nil || code != http.StatusOK {
 			continue
 		}
-		d, _ := info["data"].(map[string]any)
-		if path, _ := d["path"].(string); path != "auth/approle/login" {
-			continue
+		if d, _ := info["data"].(map[string]any); d != nil && d["path"] == "auth/approle/login" {
+			found = append(found, acc)
 		}
-		w.v.Must("POST", "auth/token/revoke-accessor", map[string]any{"accessor": acc})
-		n++
 	}
-	return n
+	return found
 }
 
 // sweepFor fails the test if secret appears in a client transcript or a
@@ -331,15 +402,10 @@ func metricValue(t *testing.T, b *brokerProc, name string) float64 {
 // and tunnel lines have no path).
 func auditDurations(b *brokerProc, rule, path string) []time.Duration {
 	var out []time.Duration
-	for _, line := range bytes.Split(b.output(), []byte("\n")) {
-		var m struct {
-			Msg        string  `json:"msg"`
-			Rule       string  `json:"rule"`
-			Path       string  `json:"path"`
-			DurationMS float64 `json:"duration_ms"`
-		}
-		if json.Unmarshal(line, &m) == nil && m.Msg == "decision" && m.Rule == rule && m.Path == path {
-			out = append(out, time.Duration(m.DurationMS*float64(time.Millisecond)))
+	for _, m := range b.auditDecisions() {
+		if m["rule"] == rule && m["path"] == path {
+			ms, _ := m["duration_ms"].(float64)
+			out = append(out, time.Duration(ms*float64(time.Millisecond)))
 		}
 	}
 	return out
@@ -559,36 +625,14 @@ func newSTSWorld(t *testing.T) *stsWorld {
 	w := &stsWorld{h: h, m: m, up: newUpstream(t, "sts-fault", nil)}
 	w.fp = testservers.StartFaultProxy(t, m.Addr)
 	// One bundle: MinIO's test CA (STS, S3) and the recording upstream's.
-	var bundle []byte
-	for _, f := range []string{m.CAFile, upstreamBundle} {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		bundle = append(append(bundle, b...), '\n')
-	}
-	bundleFile := filepath.Join(t.TempDir(), "bundle.pem")
-	if err := os.WriteFile(bundleFile, bundle, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	bundleFile := joinBundles(t, m.CAFile, upstreamBundle)
 	cfg := strings.NewReplacer("@BUNDLE@", bundleFile, "@STS@", w.fp.Addr).Replace(stsFaultConfig)
 	spec := brokerSpec{name: "sts-fault", config: cfg,
 		env: []string{"AWS_ACCESS_KEY_ID=" + m.RootUser, "AWS_SECRET_ACCESS_KEY=" + m.RootPassword}}
 	w.b = h.start(spec, map[string]int{"minio": atoiPort(t, m.Addr), "up": w.up.port()})
 	t.Cleanup(func() { h.sweepFor(t, "the MinIO root password", m.RootPassword) })
 	w.client = workloadS3(h, w.b, atoiPort(t, m.Addr))
-	w.root = s3.New(s3.Options{
-		Region:       "us-east-1",
-		BaseEndpoint: aws.String(m.Endpoint),
-		UsePathStyle: true,
-		Credentials:  credentials.NewStaticCredentialsProvider(m.RootUser, m.RootPassword, ""),
-		HTTPClient:   &http.Client{Transport: &http.Transport{Proxy: nil, TLSClientConfig: &tls.Config{RootCAs: m.CAPool}}},
-	})
-	for _, bucket := range []string{"bucket-a", "bucket-c"} {
-		if _, err := w.root.CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(bucket)}); err != nil {
-			t.Fatalf("setup: create %s: %v", bucket, err)
-		}
-	}
+	w.root = rootS3(t, m, "bucket-a", "bucket-c")
 	return w
 }
 

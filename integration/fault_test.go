@@ -10,7 +10,6 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
-	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -595,39 +594,14 @@ func TestFaultF07LeaseRevokedAfterUpstreamFailure(t *testing.T) {
 	pg := testservers.StartPostgres(t)
 	h := newHarness(t)
 	app := newFaultyApp(t)
-	v.MustEventually("POST", "sys/mounts/database", map[string]any{"type": "database"})
-	v.Must("POST", "database/config/pg", map[string]any{
-		"plugin_name":             "postgresql-database-plugin",
-		"connection_url":          fmt.Sprintf("postgresql://{{username}}:{{password}}@127.0.0.1:%d/postgres?sslmode=disable", pg.Port),
-		"username":                pg.User,
-		"password":                pg.Password,
-		"allowed_roles":           "app",
-		"password_authentication": "scram-sha-256",
-	})
-	v.Must("POST", "database/roles/app", map[string]any{"db_name": "pg", "default_ttl": "10m", "max_ttl": "1h",
-		"creation_statements": []string{`CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';`}})
-	v.Must("PUT", "sys/policies/acl/keygate", map[string]any{"policy": `
-path "database/creds/app" { capabilities = ["read"] }
-path "sys/leases/renew/database/creds/app/*" { capabilities = ["update"] }
-path "sys/leases/revoke/database/creds/app/*" { capabilities = ["update"] }
-`})
-	v.Must("POST", "sys/auth/approle", map[string]any{"type": "approle"})
-	v.Must("POST", "auth/approle/role/keygate", map[string]any{"token_policies": []string{"keygate"}, "token_ttl": "1h"})
-	roleID := v.Must("GET", "auth/approle/role/keygate/role-id", nil)["data"].(map[string]any)["role_id"].(string)
-	secretID := v.Must("POST", "auth/approle/role/keygate/secret-id", nil)["data"].(map[string]any)["secret_id"].(string)
-	dir := t.TempDir()
-	roleFile, secretFile := dir+"/role-id", dir+"/secret-id"
-	for p, s := range map[string]string{roleFile: roleID, secretFile: secretID} {
-		if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	vaultPostgres(v, pg, "10m", "1h")
+	role := newAppRole(t, v, t.TempDir(), dbCredsPolicy, "1h")
 	cfg := baseConfig + `
 vaults:
   main:
     address: "` + v.Addr + `"
     timeout: 2s
-    auth: {method: approle, role_id_file: "` + roleFile + `", secret_id_file: "` + secretFile + `"}
+    auth: {method: approle, role_id_file: "` + role.roleFile + `", secret_id_file: "` + role.secretFile + `"}
 credentials:
   db-once: {source: vault_dynamic, vault: main, path: database/creds/app, cache: none}
 rules:

@@ -397,6 +397,47 @@ func (b *brokerProc) stop(t *testing.T) {
 	}
 }
 
+// awaitExit waits up to limit for the broker to exit after a signal the
+// test sent itself; one that does not is killed. Either that or an exit
+// other than 0 fails the test.
+func (b *brokerProc) awaitExit(t *testing.T, limit time.Duration) {
+	t.Helper()
+	select {
+	case <-b.done:
+	case <-time.After(limit):
+		_ = b.cmd.Process.Kill()
+		<-b.done
+		t.Errorf("broker did not exit within %v of SIGTERM", limit)
+	}
+	if b.waitErr != nil {
+		t.Errorf("broker exit after SIGTERM: %v (want 0)\n%s", b.waitErr, redactCanary(string(b.output())))
+	}
+}
+
+// startServes starts spec again (a restart) and asserts that the new
+// process answers GET target with 200 within 3 s of its launch; it
+// returns that time.
+func (h *harness) startServes(t *testing.T, spec brokerSpec, ports map[string]int, target, what string) time.Duration {
+	t.Helper()
+	launched := time.Now()
+	b := h.start(spec, ports)
+	resp, err := h.goClient(b).Get(target)
+	if err != nil {
+		t.Fatalf("GET through the %s broker: %v", what, err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	h.recordResponse(spec.name+" "+what+" broker", resp, body)
+	serving := time.Since(launched)
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("%s broker: %s, want 200", what, resp.Status)
+	}
+	if serving > 3*time.Second {
+		t.Errorf("the %s broker served its first request %v after launch, want ≤ 3s", what, serving)
+	}
+	return serving
+}
+
 // scrapeMetrics hands the broker's final /metrics to the secret sweep: a
 // metric label must never carry a credential. A broker without an admin
 // listener (or one that does not answer) has nothing to scrape.
@@ -435,6 +476,19 @@ func (b *brokerProc) auditLine(t *testing.T, requestID string) map[string]any {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// auditDecisions returns the broker's audit lines (message "decision")
+// written so far, decoded, in order.
+func (b *brokerProc) auditDecisions() []map[string]any {
+	var out []map[string]any
+	for _, line := range bytes.Split(b.output(), []byte("\n")) {
+		var m map[string]any
+		if json.Unmarshal(line, &m) == nil && m["msg"] == "decision" {
+			out = append(out, m)
+		}
+	}
+	return out
 }
 
 // freeAddr returns 127.0.0.1:port for a port that was free a moment ago.

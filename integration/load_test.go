@@ -7,15 +7,12 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -25,8 +22,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 
 	"github.com/keygate/broker/internal/testservers"
 )
@@ -627,19 +622,8 @@ func TestLoadL06CredentialStampede(t *testing.T) {
 
 	auditLog := filepath.Join(t.TempDir(), "vault-audit.log")
 	v.MustEventually("PUT", "sys/audit/file", map[string]any{"type": "file", "options": map[string]any{"file_path": auditLog}})
-	v.Must("PUT", "sys/policy/keygate", map[string]any{"policy": `path "secret/data/app/*" { capabilities = ["read"] }`})
-	v.MustEventually("POST", "sys/auth/approle", map[string]any{"type": "approle"})
-	v.Must("POST", "auth/approle/role/keygate", map[string]any{"token_policies": []string{"keygate"}, "token_ttl": "10m"})
-	roleID := v.Must("GET", "auth/approle/role/keygate/role-id", nil)["data"].(map[string]any)["role_id"].(string)
-	secretID := v.Must("POST", "auth/approle/role/keygate/secret-id", nil)["data"].(map[string]any)["secret_id"].(string)
+	role := newAppRole(t, v, t.TempDir(), kvReadPolicy, "10m")
 	v.Must("POST", "secret/data/app/stampede", map[string]any{"data": map[string]any{"token": h.canary}})
-	dir := t.TempDir()
-	roleFile, secretFile := filepath.Join(dir, "role-id"), filepath.Join(dir, "secret-id")
-	for p, s := range map[string]string{roleFile: roleID, secretFile: secretID} {
-		if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
 	cfg := loadBase(pki.bundle) + fmt.Sprintf(`vaults:
   main:
     address: "%s"
@@ -651,22 +635,15 @@ rules:
     hosts: [localhost]
     ports: [%d]
     inject: {credential: stampede, as: bearer}
-`, v.Addr, roleFile, secretFile, up.port)
+`, v.Addr, role.roleFile, role.secretFile, up.port)
 	b := h.start(brokerSpec{name: "l06", config: cfg}, nil)
 	waitReadyz(t, b, testTimeout)
 	const okSeries = `keygate_credential_fetches_total{credential="stampede",result="ok"}`
 	kvReads := func() int {
-		data, _ := os.ReadFile(auditLog)
+		entries, _ := readVaultAudit(auditLog, "request", "secret/data/app/stampede")
 		n := 0
-		for _, line := range strings.Split(string(data), "\n") {
-			var e struct {
-				Type    string `json:"type"`
-				Request struct {
-					Path      string `json:"path"`
-					Operation string `json:"operation"`
-				} `json:"request"`
-			}
-			if json.Unmarshal([]byte(line), &e) == nil && e.Type == "request" && e.Request.Path == "secret/data/app/stampede" && e.Request.Operation == "read" {
+		for _, e := range entries {
+			if e.Request.Operation == "read" {
 				n++
 			}
 		}
@@ -1329,32 +1306,6 @@ func TestLoadL10Soak(t *testing.T) {
 	}
 }
 
-// runLong is runTool with a longer timeout, for pgbench runs.
-func (h *harness) runLong(name string, env []string, timeout time.Duration, args ...string) toolResult {
-	t := h.t
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Env = cleanEnv(h.dir, env...)
-	out, errb := &strings.Builder{}, &strings.Builder{}
-	cmd.Stdout, cmd.Stderr = out, errb
-	err := cmd.Run()
-	res := toolResult{stdout: out.String(), stderr: errb.String()}
-	h.record(name+" stdout", []byte(res.stdout))
-	h.record(name+" stderr", []byte(res.stderr))
-	if ctx.Err() != nil {
-		t.Fatalf("%s did not finish within %v", name, timeout)
-	}
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		res.code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("%s: %v", name, err)
-	}
-	return res
-}
-
 var tpsRE = regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection time\)`)
 
 // TestLoadL11PGProxy (L-11): pgbench -S -c 20 -j 2 for LOAD_DURATION
@@ -1369,42 +1320,11 @@ func TestLoadL11PGProxy(t *testing.T) {
 	h := newHarness(t)
 	pg := testservers.StartPostgresWith(t, testservers.PostgresOptions{TLS: true})
 	const role = "orders_jit"
-	ctx := context.Background()
-	admin, err := pgx.Connect(ctx, pg.DSN(pg.User, pg.Password, "postgres"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close(ctx)
-	for _, sql := range []string{
-		fmt.Sprintf(`CREATE ROLE %s LOGIN PASSWORD '%s'`, role, h.canary),
-		fmt.Sprintf(`CREATE DATABASE orders OWNER %s`, role),
-	} {
-		if _, err := admin.Exec(ctx, sql); err != nil {
-			t.Fatal(err)
-		}
-	}
-	dbPort := portOf(freeAddr(t))
-	cfg := `
-listen: {proxy: "{{.Proxy}}", admin: "{{.Admin}}"}
-ca: {cert: "{{.CACert}}", key: "{{.CAKey}}"}
-attestors:
-  - {type: process}
-egress: {allow_cidrs: [127.0.0.1/32]}
-credentials:
-  orders-db: {source: static, values: {username: env:KG_PG_USER, password: env:KG_PG_PASSWORD}, cache: 5m}
-databases:
-  - name: orders
-    listen: "127.0.0.1:` + dbPort + `"
-    upstream: "127.0.0.1:` + strconv.Itoa(pg.Port) + `"
-    credential: orders-db
-    tls: verify-full
-    ca_bundle: "` + pg.CAFile + `"
-rules:
-  - name: orders-local
-    hosts: [127.0.0.1]
-    when: 'request.protocol == "postgres" && request.database == "orders" && workload.method == "process"'
-`
-	b := h.start(brokerSpec{name: "l11", config: cfg, env: []string{"KG_PG_USER=" + role, "KG_PG_PASSWORD=" + h.canary}}, nil)
+	cfg := ordersDB(t, h, pg, role)
+	dbAddr := freeAddr(t)
+	dbPort := portOf(dbAddr)
+	b := h.start(brokerSpec{name: "l11", config: cfg, env: []string{"KG_PG_USER=" + role, "KG_PG_PASSWORD=" + h.canary}},
+		map[string]int{"db": atoiPort(t, dbAddr)})
 	waitReadyz(t, b, testTimeout)
 	dur := loadDuration(t)
 	secs := strconv.Itoa(max(1, int(dur.Seconds())))
@@ -1412,16 +1332,16 @@ rules:
 		"PGSSLMODE=verify-full", "PGSSLROOTCERT=" + h.caPEM(), "PGDATABASE=orders"}
 	direct := []string{"PGCONNECT_TIMEOUT=10", "PGHOST=127.0.0.1", "PGPORT=" + strconv.Itoa(pg.Port), "PGUSER=" + role,
 		"PGPASSWORD=" + h.canary, "PGSSLMODE=require", "PGDATABASE=orders"}
-	if res := h.runLong(pgbench, viaBroker, 2*time.Minute, "-i", "-s", "1", "-q"); res.code != 0 {
+	if res := h.runToolWithin(2*time.Minute, pgbench, viaBroker, "", "-i", "-s", "1", "-q"); res.code != 0 {
 		t.Fatalf("pgbench -i: exit %d %s", res.code, redactCanary(res.stderr))
 	}
 	run := func(env []string) (float64, string) {
-		res := h.runLong(pgbench, env, dur+2*time.Minute, "-S", "-n", "-c", "20", "-j", "2", "-T", secs)
+		res := h.runToolWithin(dur+2*time.Minute, pgbench, env, "", "-S", "-n", "-c", "20", "-j", "2", "-T", secs)
 		if res.code != 0 {
 			t.Fatalf("pgbench -S: exit %d %s", res.code, redactCanary(res.stderr))
 		}
 		m := tpsRE.FindStringSubmatch(res.stdout)
-		failed := regexp.MustCompile(`number of failed transactions: (\d+)`).FindStringSubmatch(res.stdout)
+		failed := pgbenchFailedRE.FindStringSubmatch(res.stdout)
 		if m == nil {
 			t.Fatalf("no tps in the pgbench output:\n%s", redactCanary(res.stdout))
 		}
@@ -1435,33 +1355,9 @@ rules:
 	directTPS, directFailed := run(direct)
 
 	before := b.stats(t)
-	type seen struct{ jit, other int }
-	watch := make(chan seen, 1)
-	stop := make(chan struct{})
-	go func() {
-		var s seen
-		defer func() { watch <- s }()
-		mon, err := pgx.Connect(ctx, pg.DSN(pg.User, pg.Password, "postgres"))
-		if err != nil {
-			return
-		}
-		defer mon.Close(ctx)
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(200 * time.Millisecond):
-			}
-			var j, o int
-			if mon.QueryRow(ctx, `SELECT count(*) FILTER (WHERE usename = $1), count(*) FILTER (WHERE usename <> $1)
-				FROM pg_stat_activity WHERE datname = 'orders'`, role).Scan(&j, &o) == nil {
-				s.jit, s.other = max(s.jit, j), max(s.other, o)
-			}
-		}
-	}()
+	stopWatch := watchBackends(pg, role, 200*time.Millisecond)
 	brokerTPS, brokerFailed := run(viaBroker)
-	close(stop)
-	w := <-watch
+	w := stopWatch()
 	after := b.stats(t)
 	cpu := (after.CPUSeconds - before.CPUSeconds) / dur.Seconds()
 	settled, _ := b.settle(t, before, 10, 10*time.Second)

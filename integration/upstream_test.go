@@ -9,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
+	"log"
 	"math/big"
 	"net"
 	"net/http"
@@ -31,49 +32,75 @@ var (
 )
 
 func initTestPKI(dir string) error {
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caCert, caKey, caDER, err := newCA("keygate e2e upstream CA")
 	if err != nil {
 		return err
 	}
 	now := time.Now()
-	caTmpl := &x509.Certificate{
+	upstreamLeaf, err = signLeaf(caCert, caKey, 2, "keygate e2e upstream",
+		[]string{"localhost", "allowed.test", "evil.test"}, []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("127.0.0.2")},
+		now.Add(-time.Hour), now.Add(24*time.Hour), false)
+	if err != nil {
+		return err
+	}
+	upstreamBundle = filepath.Join(dir, "upstream-ca.pem")
+	return os.WriteFile(upstreamBundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o644)
+}
+
+// newCA makes a self-signed ECDSA P-256 CA named cn, valid from an hour
+// ago for a day; der is its certificate.
+func newCA(cn string) (cert *x509.Certificate, key *ecdsa.PrivateKey, der []byte, err error) {
+	key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "keygate e2e upstream CA"},
+		Subject:               pkix.Name{CommonName: cn},
 		NotBefore:             now.Add(-time.Hour),
 		NotAfter:              now.Add(24 * time.Hour),
 		IsCA:                  true,
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	der, err = x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
-		return err
+		return nil, nil, nil, err
 	}
-	caCert, err := x509.ParseCertificate(caDER)
+	cert, err = x509.ParseCertificate(der)
+	return cert, key, der, err
+}
+
+// signLeaf makes a server certificate (a fresh P-256 key) named cn for
+// dns and ips, valid from nb to na, signed by ca's key or, when
+// selfSigned, by its own.
+func signLeaf(ca *x509.Certificate, caKey *ecdsa.PrivateKey, serial int64, cn string, dns []string, ips []net.IP, nb, na time.Time, selfSigned bool) (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return err
+		return tls.Certificate{}, err
 	}
-	leafKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return err
-	}
-	leafTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "keygate e2e upstream"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(serial),
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    nb,
+		NotAfter:     na,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:     []string{"localhost", "allowed.test", "evil.test"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("127.0.0.2")},
+		DNSNames:     dns,
+		IPAddresses:  ips,
 	}
-	leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, caCert, &leafKey.PublicKey, caKey)
+	parent, signer := ca, caKey
+	if selfSigned {
+		tmpl.IsCA, tmpl.BasicConstraintsValid = true, true
+		tmpl.KeyUsage |= x509.KeyUsageCertSign
+		parent, signer = tmpl, key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, signer)
 	if err != nil {
-		return err
+		return tls.Certificate{}, err
 	}
-	upstreamLeaf = tls.Certificate{Certificate: [][]byte{leafDER}, PrivateKey: leafKey}
-	upstreamBundle = filepath.Join(dir, "upstream-ca.pem")
-	return os.WriteFile(upstreamBundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o644)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }
 
 // seenRequest is what an upstream recorded about one request.
@@ -104,13 +131,27 @@ func newUpstream(t *testing.T, name string, next http.Handler) *upstream {
 // port), over TLS or, when plain, over HTTP.
 func upstreamAt(t *testing.T, name, addr string, plain bool, next http.Handler) *upstream {
 	t.Helper()
-	u := &upstream{name: name}
 	if next == nil {
 		next = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "text/plain")
 			fmt.Fprintf(w, "hello from %s\n", name)
 		})
 	}
+	cert := &upstreamLeaf
+	if plain {
+		cert = nil
+	}
+	return serveUpstream(t, name, addr, cert, nil, next)
+}
+
+// serveUpstream starts the recording server behind upstreamAt and
+// certUpstream: on addr ("" for 127.0.0.1, any port), over TLS with cert
+// or, when cert is nil, over HTTP; errLog, when set, takes the server's
+// own log (refused handshakes). next answers each request after it is
+// recorded.
+func serveUpstream(t *testing.T, name, addr string, cert *tls.Certificate, errLog *log.Logger, next http.Handler) *upstream {
+	t.Helper()
+	u := &upstream{name: name}
 	u.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.mu.Lock()
 		u.reqs = append(u.reqs, seenRequest{
@@ -134,11 +175,14 @@ func upstreamAt(t *testing.T, name, addr string, plain bool, next http.Handler) 
 			u.conns.Add(1)
 		}
 	}
-	u.srv.Config.ReadHeaderTimeout = 10 * time.Second
-	if plain {
+	u.srv.Config.ReadHeaderTimeout = testTimeout
+	if errLog != nil {
+		u.srv.Config.ErrorLog = errLog
+	}
+	if cert == nil {
 		u.srv.Start()
 	} else {
-		u.srv.TLS = &tls.Config{Certificates: []tls.Certificate{upstreamLeaf}, MinVersion: tls.VersionTLS12}
+		u.srv.TLS = &tls.Config{Certificates: []tls.Certificate{*cert}, MinVersion: tls.VersionTLS12}
 		u.srv.StartTLS()
 	}
 	t.Cleanup(u.srv.Close)

@@ -3,12 +3,9 @@ package integration
 import (
 	"fmt"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/keygate/broker/internal/canarytest"
 	"github.com/keygate/broker/internal/testservers"
 )
 
@@ -20,32 +17,10 @@ import (
 // the key. With Vault stopped the broker answers 503 and forwards nothing.
 // The API key is the harness canary, so every transcript and the broker's
 // output are swept for it at cleanup.
-func TestVaultKVThroughBroker(t *testing.T) {
-	curl := requireTool(t, "curl")
-	v := testservers.StartVault(t)
-	h := newHarness(t)
-	up := newUpstream(t, "vault-api", nil)
-
-	seed := func() (roleID, secretID string) {
-		v.Must("PUT", "sys/policy/keygate", map[string]any{"policy": `path "secret/data/app/*" { capabilities = ["read"] }`})
-		v.MustEventually("POST", "sys/auth/approle", map[string]any{"type": "approle"})
-		v.Must("POST", "auth/approle/role/keygate", map[string]any{"token_policies": []string{"keygate"}, "token_ttl": "10m"})
-		roleID = v.Must("GET", "auth/approle/role/keygate/role-id", nil)["data"].(map[string]any)["role_id"].(string)
-		secretID = v.Must("POST", "auth/approle/role/keygate/secret-id", nil)["data"].(map[string]any)["secret_id"].(string)
-		canarytest.Register("vault approle secret-id", secretID) // Vault-issued: swept too
-		v.Must("POST", "secret/data/app/github", map[string]any{"data": map[string]any{"token": h.canary}})
-		return roleID, secretID
-	}
-	roleID, secretID := seed()
-	dir := t.TempDir()
-	roleFile, secretFile := filepath.Join(dir, "role-id"), filepath.Join(dir, "secret-id")
-	for p, s := range map[string]string{roleFile: roleID, secretFile: secretID} {
-		if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-
-	cfg := `
+// vaultKVConfig: the canary is a KV v2 secret the broker reads from a real
+// Vault after an AppRole login, cached for @CACHE@ ("none": every request
+// reads Vault).
+const vaultKVConfig = `
 listen: {proxy: "{{.Proxy}}", admin: "{{.Admin}}"}
 ca: {cert: "{{.CACert}}", key: "{{.CAKey}}"}
 attestors:
@@ -53,22 +28,37 @@ attestors:
 egress: {allow_cidrs: [127.0.0.1/32], connect_ports: [{{index .Ports "up"}}], ca_bundle: "{{.Bundle}}"}
 vaults:
   legacy:
-    address: "` + v.Addr + `"
-    auth: {method: approle, role_id_file: "` + roleFile + `", secret_id_file: "` + secretFile + `"}
+    address: "@VAULT@"
+    auth: {method: approle, role_id_file: "@ROLE@", secret_id_file: "@SECRET@"}
 credentials:
-  github: {source: vault_kv, vault: legacy, path: secret/data/app/github, field: token, cache: none}
+  github: {source: vault_kv, vault: legacy, path: secret/data/app/github, field: token, cache: @CACHE@}
 rules:
   - name: api
     hosts: [localhost]
     inject: {credential: github, as: bearer}
 `
+
+func TestVaultKVThroughBroker(t *testing.T) {
+	curl := requireTool(t, "curl")
+	v := testservers.StartVault(t)
+	h := newHarness(t)
+	up := newUpstream(t, "vault-api", nil)
+
+	dir := t.TempDir()
+	seed := func() *appRole {
+		role := newAppRole(t, v, dir, kvReadPolicy, "10m")
+		v.Must("POST", "secret/data/app/github", map[string]any{"data": map[string]any{"token": h.canary}})
+		return role
+	}
+	role := seed()
+	cfg := strings.NewReplacer("@VAULT@", v.Addr, "@ROLE@", role.roleFile, "@SECRET@", role.secretFile, "@CACHE@", "none").Replace(vaultKVConfig)
 	b := h.start(brokerSpec{name: "vault", config: cfg}, map[string]int{"up": up.port()})
 	waitReadyz(t, b, testTimeout)
 	target := fmt.Sprintf("https://localhost:%d/repos", up.port())
 
 	env := []string{"HTTPS_PROXY=" + b.proxyURL()}
 	for _, e := range append(cleanEnv(h.dir), env...) {
-		if strings.Contains(e, h.canary) || strings.Contains(e, secretID) {
+		if strings.Contains(e, h.canary) || strings.Contains(e, role.secretID) {
 			t.Fatal("the workload's environment holds a secret")
 		}
 	}
@@ -102,12 +92,7 @@ rules:
 	// Vault back (dev mode starts empty): re-seed, and the broker recovers
 	// without a restart, logging in again with the new AppRole secret.
 	v.Start()
-	roleID, secretID = seed()
-	for p, s := range map[string]string{roleFile: roleID, secretFile: secretID} {
-		if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	seed()
 	res = h.runTool(curl, env, "", curlArgs("--cacert", h.caPEM(), "-o", "/dev/null", "-w", "\nstatus=%{http_code}", target)...)
 	if code := parseCurlStatus(t, res.stdout); code != http.StatusOK {
 		t.Fatalf("after Vault came back: status %d, want 200\n%s", code, redactCanary(string(b.output())))
