@@ -305,12 +305,7 @@ func (f *framer) scan(p []byte) (int, error) {
 			}
 
 		case fsBody:
-			n := uint64(len(p) - i)
-			if n > f.remain {
-				n = f.remain
-			}
-			f.remain -= n
-			i += int(n) - 1
+			i += f.consume(len(p)-i) - 1
 			if f.remain == 0 {
 				f.st = fsRequestStart
 			}
@@ -358,12 +353,7 @@ func (f *framer) scan(p []byte) (int, error) {
 			}
 
 		case fsChunkData:
-			n := uint64(len(p) - i)
-			if n > f.remain {
-				n = f.remain
-			}
-			f.remain -= n
-			i += int(n) - 1
+			i += f.consume(len(p)-i) - 1
 			if f.remain == 0 {
 				f.st = fsChunkCR
 			}
@@ -607,4 +597,15 @@ func (l framingListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	return l.p.guardFraming(c), nil
+}
+
+// consume takes up to avail bytes of a body or chunk whose remaining length
+// is f.remain, and returns how many it took.
+func (f *framer) consume(avail int) int {
+	n := uint64(avail)
+	if n > f.remain {
+		n = f.remain
+	}
+	f.remain -= n
+	return int(n)
 }
