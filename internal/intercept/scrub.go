@@ -80,10 +80,23 @@ func scrubHeader(h http.Header, needles [][]byte) bool {
 	return hit
 }
 
+// containsAny reports whether s holds any needle. It runs on every header
+// value of every response that carried a credential, so it compares in
+// place (a string(n) argument would allocate per call).
 func containsAny(s string, needles [][]byte) bool {
 	for _, n := range needles {
-		if strings.Contains(s, string(n)) {
-			return true
+		if len(n) == 0 {
+			continue
+		}
+		for i := 0; i+len(n) <= len(s); i++ {
+			j := strings.IndexByte(s[i:], n[0])
+			if j < 0 {
+				break
+			}
+			i += j
+			if i+len(n) <= len(s) && s[i:i+len(n)] == string(n) {
+				return true
+			}
 		}
 	}
 	return false

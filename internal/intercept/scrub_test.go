@@ -377,3 +377,33 @@ func BenchmarkScrubReader(b *testing.B) {
 		}
 	})
 }
+
+func TestContainsAny(t *testing.T) {
+	needles := [][]byte{[]byte("secret"), []byte("c2VjcmV0")}
+	for _, tc := range []struct {
+		s    string
+		want bool
+	}{
+		{"", false},
+		{"secret", true},
+		{"Bearer secret", true},
+		{"secre", false},
+		{"ssssecret!", true},
+		{"sec ret", false},
+		{"xc2VjcmV0", true},
+		{"c2VjcmV", false},
+		{"s", false},
+	} {
+		t.Run(tc.s, func(t *testing.T) {
+			if got := containsAny(tc.s, needles); got != tc.want {
+				t.Fatalf("containsAny(%q) = %v, want %v", tc.s, got, tc.want)
+			}
+			if got := containsAny(tc.s, needles); got != (strings.Contains(tc.s, "secret") || strings.Contains(tc.s, "c2VjcmV0")) {
+				t.Fatalf("containsAny(%q) disagrees with strings.Contains", tc.s)
+			}
+		})
+	}
+	if n := testing.AllocsPerRun(100, func() { containsAny("Bearer abc, and more text", needles) }); n != 0 {
+		t.Fatalf("containsAny allocates %v times per call", n)
+	}
+}
