@@ -299,6 +299,8 @@ func (c *Config) Build(o BuildOptions) (_ *Runtime, err error) {
 		DenyPrivate: c.Egress.DenyPrivate == nil || *c.Egress.DenyPrivate,
 		AllowCIDRs:  mustPrefixes(c.Egress.AllowCIDRs),
 		SelfAddrs:   self,
+		// Also the PostgreSQL listeners' upstream dials: one DNS bound.
+		ResolveTimeout: time.Duration(c.Limits.ResolveTimeout),
 	})
 	leaves := authority.Leaves(ca.LeafOptions{
 		Lifetime:   time.Duration(c.CA.LeafLifetime),

@@ -319,6 +319,7 @@ type Limits struct {
 	IdleTimeout       Duration `yaml:"idle_timeout"`
 	HandshakeTimeout  Duration `yaml:"handshake_timeout"`
 	UpstreamTimeout   Duration `yaml:"upstream_timeout"`
+	ResolveTimeout    Duration `yaml:"resolve_timeout"` // default 2s (egress.DefaultResolveTimeout)
 	MaxHeaderBytes    int      `yaml:"max_header_bytes"`
 	// The caps below have no "off": absent means the default, and 0 or a
 	// negative value is a config error (a cap of 0 would refuse everything).

@@ -59,6 +59,10 @@ type Options struct {
 	Resolver Resolver
 	// Timeout bounds resolution plus connection (all attempts); default 10s.
 	Timeout time.Duration
+	// ResolveTimeout bounds name resolution on its own; default 2s. A
+	// resolver that does not answer in time is a DNS failure, not a slow
+	// upstream.
+	ResolveTimeout time.Duration
 	// KeepAlive is passed to net.Dialer (0: Go's default, negative: off).
 	KeepAlive time.Duration
 }
@@ -71,6 +75,7 @@ type Dialer struct {
 	self        []netip.AddrPort
 	resolver    Resolver
 	timeout     time.Duration
+	resolveTO   time.Duration
 	keepAlive   time.Duration
 	// localAddrs lists this host's addresses, for unspecified SelfAddrs.
 	localAddrs func() ([]netip.Addr, error)
@@ -85,6 +90,7 @@ func New(o Options) *Dialer {
 		denyPrivate: o.DenyPrivate,
 		resolver:    o.Resolver,
 		timeout:     o.Timeout,
+		resolveTO:   o.ResolveTimeout,
 		keepAlive:   o.KeepAlive,
 		localAddrs:  interfaceAddrs,
 	}
@@ -93,6 +99,9 @@ func New(o Options) *Dialer {
 	}
 	if d.timeout <= 0 {
 		d.timeout = 10 * time.Second
+	}
+	if d.resolveTO <= 0 {
+		d.resolveTO = DefaultResolveTimeout
 	}
 	for _, p := range o.AllowCIDRs {
 		if !p.IsValid() {
@@ -289,8 +298,17 @@ func (d *Dialer) resolve(ctx context.Context, family, host string) (ips []netip.
 	if ip, perr := netip.ParseAddr(host); perr == nil {
 		ips, literal = []netip.Addr{ip}, true
 	} else {
-		ips, err = d.resolver.LookupNetIP(ctx, family, host)
+		rctx, cancel := context.WithTimeout(ctx, d.resolveTO)
+		ips, err = d.resolver.LookupNetIP(rctx, family, host)
+		timedOut := rctx.Err() != nil && ctx.Err() == nil
+		cancel()
 		if err != nil {
+			var dnsErr *net.DNSError
+			if timedOut && !errors.As(err, &dnsErr) {
+				// A resolver that honours only the context reports its
+				// deadline; it is still a DNS failure.
+				err = &net.DNSError{Err: "resolution timed out", Name: host, IsTimeout: true}
+			}
 			return nil, false, fmt.Errorf("egress: resolve %q: %w", host, err)
 		}
 	}
@@ -310,6 +328,9 @@ func (d *Dialer) resolve(ctx context.Context, family, host string) (ips []netip.
 	}
 	return out, literal, nil
 }
+
+// DefaultResolveTimeout bounds one name resolution when Options does not.
+const DefaultResolveTimeout = 2 * time.Second
 
 // minAttempt is the least time one connection attempt gets when several
 // addresses share the deadline (as in net.Dialer).

@@ -424,3 +424,31 @@ func TestDeniedErrorMessage(t *testing.T) {
 		}
 	}
 }
+
+// TestResolveTimeout (F-16): a resolver that never answers is a DNS failure
+// at ResolveTimeout, well inside the dial budget, and nothing is dialled.
+func TestResolveTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		o    Options
+		want time.Duration
+	}{
+		{"configured", Options{ResolveTimeout: 150 * time.Millisecond}, 150 * time.Millisecond},
+		{"default", Options{}, DefaultResolveTimeout},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.o.DenyPrivate, tc.o.Resolver, tc.o.Timeout = true, blockingResolver{}, 30*time.Second
+			d := New(tc.o)
+			start := time.Now()
+			_, err := d.DialContext(context.Background(), "tcp", "hung.example:443")
+			took := time.Since(start)
+			var dnsErr *net.DNSError
+			if !errors.As(err, &dnsErr) || !dnsErr.IsTimeout {
+				t.Fatalf("err = %v, want a DNS timeout", err)
+			}
+			if took < tc.want || took > tc.want+2*time.Second {
+				t.Fatalf("failed after %v, want about %v", took, tc.want)
+			}
+		})
+	}
+}
