@@ -156,6 +156,10 @@ type VaultAuth struct {
 	JWTSVID      *JWTSVIDRef `yaml:"jwt_svid"`
 	RoleIDFile   string      `yaml:"role_id_file"`
 	SecretIDFile string      `yaml:"secret_id_file"`
+	// ChildTokenTTL (token_file only): work under a child token of this
+	// TTL, this process's own (revoked at shutdown, gone at its TTL after a
+	// crash).
+	ChildTokenTTL Duration `yaml:"child_token_ttl"`
 }
 
 // WebIdentity is the broker's own token for AssumeRoleWithWebIdentity:

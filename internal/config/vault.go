@@ -28,7 +28,7 @@ var vaultAuthKeys = map[string][]string{
 	inject.VaultAuthJWT:        {"role", "token_file", "jwt_svid"},
 	inject.VaultAuthKubernetes: {"role", "token_file"},
 	inject.VaultAuthAppRole:    {"role_id_file", "secret_id_file"},
-	inject.VaultAuthTokenFile:  {"token_file"},
+	inject.VaultAuthTokenFile:  {"token_file", "child_token_ttl"},
 }
 
 func (c *Config) validateVaults() Problems {
@@ -66,7 +66,7 @@ func (c *Config) validateVaults() Problems {
 			continue
 		}
 		set := map[string]bool{"role": a.Role != "", "token_file": a.TokenFile != "", "jwt_svid": a.JWTSVID != nil,
-			"role_id_file": a.RoleIDFile != "", "secret_id_file": a.SecretIDFile != ""}
+			"role_id_file": a.RoleIDFile != "", "secret_id_file": a.SecretIDFile != "", "child_token_ttl": a.ChildTokenTTL != 0}
 		for _, k := range slices.Sorted(maps.Keys(set)) {
 			if set[k] && !slices.Contains(allowed, k) {
 				add(fmt.Sprintf("auth method %s does not take %s (it takes %s and mount)", a.Method, k, strings.Join(allowed, ", ")), "auth", k)
@@ -97,6 +97,9 @@ func (c *Config) validateVaults() Problems {
 		case inject.VaultAuthTokenFile:
 			if a.TokenFile == "" {
 				add("auth token_file needs token_file (a file holding a Vault token)", "auth")
+			}
+			if a.ChildTokenTTL != 0 && time.Duration(a.ChildTokenTTL) < time.Minute {
+				add("auth.child_token_ttl must be at least 1m", "auth", "child_token_ttl")
 			}
 		}
 	}
@@ -163,6 +166,7 @@ func (c *Config) buildVaults(env sourceEnv, log *zap.Logger) (map[string]*inject
 			}
 		case inject.VaultAuthTokenFile:
 			auth.TokenFile = c.resolvePath(a.TokenFile)
+			auth.ChildTTL = time.Duration(a.ChildTokenTTL)
 		}
 		o := inject.VaultOptions{
 			Name:      name,

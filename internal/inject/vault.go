@@ -61,6 +61,12 @@ type VaultAuth struct {
 	// TokenFile holds a Vault token (token_file; for development, or a
 	// token written by a Vault Agent).
 	TokenFile string
+	// ChildTTL (token_file only), when set, makes this process work under
+	// a child token of the file's token, created at each login with this
+	// TTL: revoked at shutdown, and after a crash gone at its TTL, with
+	// every lease it created (SECURITY-TESTS §4). The file's token needs
+	// the auth/token/create capability.
+	ChildTTL time.Duration
 }
 
 // VaultOptions configure NewVault.
@@ -184,6 +190,14 @@ func NewVault(o VaultOptions) (*Vault, error) {
 }
 
 func checkVaultAuth(a VaultAuth) error {
+	switch {
+	case a.ChildTTL < 0:
+		return errors.New("auth child_token_ttl must be positive")
+	case a.ChildTTL > 0 && a.Method != VaultAuthTokenFile:
+		return errors.New("auth child_token_ttl applies to token_file only (a login already gives this process its own token)")
+	case a.ChildTTL > 0 && a.ChildTTL < time.Minute:
+		return errors.New("auth child_token_ttl must be at least 1m")
+	}
 	switch a.Method {
 	case VaultAuthJWT, VaultAuthKubernetes:
 		if a.Role == "" {
@@ -531,6 +545,11 @@ func (v *Vault) doLogin(ctx context.Context) (uint64, error) {
 		renewable, _ := look.TokenIsRenewable()
 		secret = &api.Secret{Auth: &api.SecretAuth{ClientToken: tok.Reveal(), Renewable: renewable,
 			LeaseDuration: int(ttl / time.Second)}}
+		if a.ChildTTL > 0 {
+			if secret, err = v.childToken(ctx, tok.Reveal(), a.ChildTTL); err != nil {
+				return fail("creating this process's child token: "+vaultReason(err), err)
+			}
+		}
 	default:
 		var body map[string]any
 		mount := a.Mount
@@ -591,7 +610,9 @@ func (v *Vault) doLogin(ctx context.Context) (uint64, error) {
 	v.client.SetToken(secret.Auth.ClientToken)
 	v.gen++
 	v.hasToken = true
-	v.loggedIn = a.Method != VaultAuthTokenFile
+	// A token from a login, or a child made for this process, is ours to
+	// revoke at Close; the file's own token may be shared.
+	v.loggedIn = a.Method != VaultAuthTokenFile || a.ChildTTL > 0
 	v.expires = time.Time{}
 	if d := secret.Auth.LeaseDuration; d > 0 {
 		ttl := time.Duration(d) * time.Second
@@ -769,4 +790,26 @@ func vaultBadAnswer(err error) bool {
 	var te *json.UnmarshalTypeError
 	return errors.Is(err, errVaultTooLarge) || errors.Is(err, errVaultGarbage) ||
 		errors.As(err, &se) || errors.As(err, &te)
+}
+
+// childToken creates, with parent's authority, a renewable child token of
+// ttl for this process only.
+func (v *Vault) childToken(ctx context.Context, parent string, ttl time.Duration) (*api.Secret, error) {
+	r := v.client.NewRequest(http.MethodPost, "/v1/auth/token/create")
+	r.ClientToken = parent
+	if err := r.SetJSONBody(map[string]any{
+		"ttl": fmt.Sprintf("%ds", int(ttl/time.Second)), "renewable": true,
+		"display_name": "keygate", "meta": map[string]string{"keygate": "incarnation"},
+	}); err != nil {
+		return nil, err
+	}
+	//lint:ignore SA1019 the raw response (status, body size) is needed to summarise failures without echoing bodies; Logical() would parse and wrap them
+	resp, err := v.client.RawRequestWithContext(ctx, r)
+	if resp != nil {
+		defer resp.Body.Close()
+	}
+	if err != nil {
+		return nil, err
+	}
+	return api.ParseSecret(resp.Body)
 }

@@ -254,3 +254,69 @@ func TestRevokeOnShutdown(t *testing.T) {
 	}
 	t.Logf("shutdown revoked 2 leases and the token in %s", took)
 }
+
+// TestVaultTokenFileChildToken (SECURITY-TESTS §4, N-01 for token_file):
+// with child_token_ttl the process works under its own child of the file's
+// token. A dynamic lease it leaves behind is revoked with that child at
+// Close, while the file's token (possibly shared with other processes)
+// stays valid; without a Close the child is bounded by its TTL.
+func TestVaultTokenFileChildToken(t *testing.T) {
+	l := newDBLab(t, "5m", "1h")
+	file := l.file(t, "root-token", l.RootToken)
+	v, _ := l.conn(t, VaultOptions{Auth: VaultAuth{Method: VaultAuthTokenFile, TokenFile: file, ChildTTL: 2 * time.Minute}})
+	c, err := dynSource(t, v, VaultDynamicOptions{}).Credential(context.Background(), vaultCaller, broker.Grant{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	child := v.client.Token()
+	if child == "" || child == l.RootToken {
+		t.Fatal("the process works under the file's token, not a child of its own")
+	}
+	code, out, err := l.Do("GET", "auth/token/lookup-self", nil, child)
+	if err != nil || code != 200 {
+		t.Fatalf("child lookup-self: HTTP %d %v", code, err)
+	}
+	data, _ := out["data"].(map[string]any)
+	ttl, _ := data["ttl"].(float64)
+	renewable, _ := data["renewable"].(bool)
+	if ttl <= 0 || ttl > 120 || !renewable {
+		t.Fatalf("child token ttl %vs renewable %v, want ≤ 120 s and renewable", ttl, renewable)
+	}
+	if err := l.canLogin(c); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := v.Close(ctx); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if code, _, _ := l.Do("GET", "auth/token/lookup-self", nil, child); code != 403 {
+		t.Fatalf("the child token is still valid after Close (HTTP %d)", code)
+	}
+	eventually(t, "the lease left behind is revoked with the child", func() bool { return l.canLogin(c) != nil })
+	if code, _, _ := l.Do("GET", "auth/token/lookup-self", nil, l.RootToken); code != 200 {
+		t.Fatalf("the file's own token was revoked (HTTP %d)", code)
+	}
+}
+
+func TestVaultChildTTLOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		a    VaultAuth
+		want string
+	}{
+		{"negative", VaultAuth{Method: VaultAuthTokenFile, TokenFile: "f", ChildTTL: -time.Minute}, "must be positive"},
+		{"too short", VaultAuth{Method: VaultAuthTokenFile, TokenFile: "f", ChildTTL: time.Second}, "at least 1m"},
+		{"login method", VaultAuth{Method: VaultAuthAppRole, RoleIDFile: "r", SecretIDFile: "s", ChildTTL: time.Hour}, "token_file only"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := checkVaultAuth(tc.a)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("checkVaultAuth = %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+	if err := checkVaultAuth(VaultAuth{Method: VaultAuthTokenFile, TokenFile: "f", ChildTTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+}
