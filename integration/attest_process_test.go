@@ -22,6 +22,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/keygate/broker/internal/testservers"
 )
 
 // nobodyUID is the unprivileged uid (and gid) the clients switch to.
@@ -33,10 +35,7 @@ func requireRoot(t *testing.T) {
 	if os.Geteuid() == 0 {
 		return
 	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("process attestation tests need root (to run clients as uid %d and to read their /proc entries); CI must run them as root", nobodyUID)
-	}
-	t.Skipf("process attestation tests need root (to run clients as uid %d and to read their /proc entries); skipping", nobodyUID)
+	testservers.Missing(t, "process attestation tests need root (to run clients as uid %d and to read their /proc entries)", nobodyUID)
 }
 
 // publicDir is a directory every uid can read and traverse (t.TempDir is
@@ -214,7 +213,7 @@ func newProcessWorld(t *testing.T) *processWorld {
 	real, sum := fileSHA256(t, p.curl)
 	p.curlReal = real
 	if !strings.HasSuffix(real, "/curl") {
-		t.Skipf("curl resolves to %s, not a file named curl; the exe rule cannot match it", real)
+		testservers.Missing(t, "curl resolves to %s, not a file named curl; the exe rule cannot match it", real)
 	}
 	cfg := strings.ReplaceAll(processConfig, "@CURL_SHA256@", sum)
 	p.b = p.h.start(brokerSpec{name: "process", config: cfg, env: []string{

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/keygate/broker/internal/testservers"
 )
 
 // gitConfig injects a Basic credential (user and token from the broker's
@@ -38,10 +40,7 @@ func TestGitCloneThroughBroker(t *testing.T) {
 	execPath := strings.TrimSpace(h.runTool(git, nil, "", "--exec-path").stdout)
 	backend := filepath.Join(execPath, "git-http-backend")
 	if _, err := os.Stat(backend); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("git-http-backend not found: %v", err)
-		}
-		t.Skipf("git-http-backend not found (%v); skipping", err)
+		testservers.Missing(t, "git-http-backend not found (%v)", err)
 	}
 
 	// A bare repository with one commit.

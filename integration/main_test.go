@@ -25,6 +25,7 @@ import (
 	"testing"
 
 	"github.com/keygate/broker/internal/canarytest"
+	"github.com/keygate/broker/internal/testservers"
 )
 
 // brokerBin is the broker binary built once by TestMain.
@@ -86,10 +87,7 @@ func requireTool(t *testing.T, name string) string {
 	t.Helper()
 	p, err := exec.LookPath(name)
 	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s is required in CI but not installed: %v", name, err)
-		}
-		t.Skipf("%s is not installed (apt-get install %s); skipping", name, name)
+		testservers.Missing(t, "%s is not installed (apt-get install %s)", name, name)
 	}
 	return p
 }

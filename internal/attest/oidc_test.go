@@ -19,7 +19,6 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"net/url"
-	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -31,6 +30,7 @@ import (
 
 	"github.com/keygate/broker/internal/broker"
 	"github.com/keygate/broker/internal/canarytest"
+	"github.com/keygate/broker/internal/testservers"
 )
 
 // The test-local issuer below stands in for the real GitHub Actions
@@ -976,10 +976,7 @@ func TestOIDCProxyURLClients(t *testing.T) {
 		}},
 		{"curl", func(t *testing.T) {
 			if _, err := exec.LookPath("curl"); err != nil {
-				if os.Getenv("CI") == "true" {
-					t.Fatalf("curl is required in CI: %v", err)
-				}
-				t.Skip("curl not installed")
+				testservers.Missing(t, "curl not installed")
 			}
 			out, err := exec.CommandContext(t.Context(), "curl", "-sS", "--noproxy", "", "-x", proxyURL.String(), "http://upstream.invalid/").CombinedOutput()
 			if err != nil {

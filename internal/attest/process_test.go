@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/keygate/broker/internal/broker"
+	"github.com/keygate/broker/internal/testservers"
 )
 
 // --- parsers -----------------------------------------------------------------
@@ -450,10 +451,7 @@ func requireRoot(t *testing.T) {
 	if os.Geteuid() == 0 {
 		return
 	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("CI=true: the process attestor's uid tests must run as root")
-	}
-	t.Skip("not root: cannot start processes under another uid (set CI=true to make this a failure)")
+	testservers.Missing(t, "not root: cannot start processes under another uid (set CI=true to make this a failure)")
 }
 
 // tcpPair is a loopback listener whose accepted connections are handed to the
@@ -467,7 +465,7 @@ func listenTCP(t testing.TB, network, addr string) *tcpPair {
 	t.Helper()
 	ln, err := net.Listen(network, addr)
 	if err != nil {
-		t.Skipf("listen %s %s: %v", network, addr, err)
+		testservers.Missing(t, "listen %s %s: %v", network, addr, err)
 	}
 	tp := &tcpPair{ln: ln, accepted: make(chan net.Conn, 4)}
 	go func() {
@@ -629,7 +627,7 @@ func TestProcessAttestHostAddress(t *testing.T) {
 		}
 	}
 	if !host.IsValid() {
-		t.Skip("no non-loopback IPv4 address on this host")
+		testservers.Missing(t, "no non-loopback IPv4 address on this host")
 	}
 	tp := listenTCP(t, "tcp4", "0.0.0.0:0")
 	client, err := net.Dial("tcp", netip.AddrPortFrom(host, uint16(tp.port())).String())
@@ -641,7 +639,7 @@ func TestProcessAttestHostAddress(t *testing.T) {
 	defer server.Close()
 	ev := evidenceOf(server)
 	if ev.Remote.Addr().IsLoopback() {
-		t.Skip("the kernel routed the host address over loopback source")
+		testservers.Missing(t, "the kernel routed the host address over loopback source")
 	}
 	id, err := newTestProcess(t, "").Attest(context.Background(), ev)
 	if err != nil {
@@ -703,10 +701,7 @@ func setprivCmd(t *testing.T, argv ...string) *exec.Cmd {
 	t.Helper()
 	setpriv, err := exec.LookPath("setpriv")
 	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("setpriv (util-linux) is required in CI")
-		}
-		t.Skip("setpriv not installed")
+		testservers.Missing(t, "setpriv not installed")
 	}
 	return exec.Command(setpriv, append([]string{"--reuid=65534", "--regid=65534", "--clear-groups"}, argv...)...)
 }
@@ -715,10 +710,7 @@ func lookExe(t *testing.T, name string) string {
 	t.Helper()
 	path, err := exec.LookPath(name)
 	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s is required in CI", name)
-		}
-		t.Skipf("%s not installed", name)
+		testservers.Missing(t, "%s not installed", name)
 	}
 	if path, err = filepath.EvalSymlinks(path); err != nil {
 		t.Fatal(err)
@@ -872,10 +864,7 @@ func TestProcessAttestTransparent(t *testing.T) {
 	requireRoot(t)
 	for _, tool := range []string{"unshare", "iptables", "ip"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatalf("%s is required in CI", tool)
-			}
-			t.Skipf("%s not installed", tool)
+			testservers.Missing(t, "%s not installed", tool)
 		}
 	}
 	cmd := exec.Command("unshare", "--net", selfExe(t), "-test.run=^TestProcessHelper$", "-test.v")

@@ -46,11 +46,7 @@ func binary(t testing.TB, path, script string) string {
 	if fi, err := os.Stat(path); err == nil && fi.Mode()&0o111 != 0 {
 		return path
 	}
-	msg := fmt.Sprintf("%s not found; build it with scripts/%s (make deps)", path, script)
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
+	Missing(t, "%s not found; build it with scripts/%s (make deps)", path, script)
 	return ""
 }
 

@@ -71,14 +71,6 @@ func pgMajor(dir string) int {
 	return n
 }
 
-func missing(t testing.TB, msg string) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
-}
-
 // PostgresOptions tune StartPostgresWith.
 type PostgresOptions struct {
 	// TLS turns ssl on with a server certificate signed by a fresh test CA
@@ -106,12 +98,12 @@ func StartPostgresWith(t testing.TB, o PostgresOptions) *Postgres {
 	t.Helper()
 	bin := pgBinDir()
 	if bin == "" {
-		missing(t, "PostgreSQL server binaries (initdb) not found; apt-get install -y postgresql")
+		Missing(t, "PostgreSQL server binaries (initdb) not found; apt-get install -y postgresql")
 	}
 	psql := filepath.Join(bin, "psql")
 	if _, err := os.Stat(psql); err != nil {
 		if psql, err = exec.LookPath("psql"); err != nil {
-			missing(t, "psql not found; apt-get install -y postgresql-client")
+			Missing(t, "psql not found; apt-get install -y postgresql-client")
 		}
 	}
 	p := &Postgres{Host: "127.0.0.1", User: "postgres", Password: canarytest.New("postgres-superuser"), t: t, bin: bin, psql: psql, opts: o}

@@ -17,6 +17,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/keygate/broker/internal/testservers"
 )
 
 type fakeClock struct {
@@ -154,7 +156,7 @@ func TestInitRefusesOverwrite(t *testing.T) {
 		dir := t.TempDir()
 		target := filepath.Join(dir, "elsewhere")
 		if err := os.Symlink(target, filepath.Join(dir, CertFile)); err != nil {
-			t.Skip(err)
+			testservers.Missing(t, "symlink: %v", err)
 		}
 		if err := Init(dir, nil, nil); err == nil {
 			t.Fatal("Init followed a symlink")
@@ -209,10 +211,10 @@ func TestCAKeyFilePerms(t *testing.T) {
 
 	t.Run("owner", func(t *testing.T) {
 		if os.Geteuid() != 0 {
-			t.Skip("changing a file's owner needs root")
+			testservers.Missing(t, "changing a file's owner needs root")
 		}
 		if err := os.Chown(keyPath, 65534, 65534); err != nil {
-			t.Skip(err)
+			testservers.Missing(t, "chown: %v", err)
 		}
 		defer os.Chown(keyPath, 0, 0)
 		_, err := Load(certPath, keyPath)

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/keygate/broker/internal/testservers"
 )
 
 // listener accepts on ip:port and counts the connections it received.
@@ -34,7 +36,7 @@ func listen(t *testing.T, ip string, port uint16) *listener {
 	t.Helper()
 	ln, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(int(port))))
 	if err != nil {
-		t.Skipf("cannot listen on %s:%d: %v", ip, port, err)
+		testservers.Missing(t, "cannot listen on %s:%d: %v", ip, port, err)
 	}
 	l := &listener{Listener: ln, done: make(chan struct{})}
 	go func() {
@@ -154,7 +156,7 @@ func TestRebindingThroughHTTPTransport(t *testing.T) {
 	canary := listen(t, "127.0.0.1", 0)
 	ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.3", strconv.Itoa(int(canary.port()))))
 	if err != nil {
-		t.Skipf("cannot listen on 127.0.0.3: %v", err)
+		testservers.Missing(t, "cannot listen on 127.0.0.3: %v", err)
 	}
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "ok")
