@@ -67,7 +67,7 @@ func (s *Server) handle(raw net.Conn) {
 			// (which prints argument words, not the strings they point
 			// to) are enough to find the bug.
 			s.log.Error("panic while handling a postgres session", zap.String("listener", s.name),
-				zap.String("request_id", x.rec.RequestID), zap.String("panic_type", panicKind(p)), zap.Stack("stack"))
+				zap.String("request_id", x.rec.RequestID), zap.String("panic_type", broker.PanicKind(p)), zap.Stack("stack"))
 			x.setFail(newFailure(sqlConnectionFailure, broker.CodeInternal, "keygate: internal error", errPanic))
 			if inSetup {
 				x.sendError()
@@ -144,17 +144,6 @@ func (x *session) setFail(f *failure) {
 // value itself is never recorded.
 var errPanic = errors.New("panic")
 
-// panicKind names what a panic value is without formatting it.
-func panicKind(v any) string {
-	switch v.(type) {
-	case error:
-		return "error"
-	case string:
-		return "string"
-	}
-	return "other"
-}
-
 // release runs the credential's Release with the same containment as the
 // session: finish runs after handle's recover, so a panic here would end
 // the process and the runtime would print the panic value.
@@ -164,7 +153,7 @@ func (x *session) release() {
 	defer func() {
 		if p := recover(); p != nil {
 			x.srv.log.Error("panic while releasing a credential", zap.String("listener", x.srv.name),
-				zap.String("request_id", x.rec.RequestID), zap.String("panic_type", panicKind(p)), zap.Stack("stack"))
+				zap.String("request_id", x.rec.RequestID), zap.String("panic_type", broker.PanicKind(p)), zap.Stack("stack"))
 		}
 	}()
 	x.cred.Release(ctx)

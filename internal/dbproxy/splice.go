@@ -9,6 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
+
+	"github.com/keygate/broker/internal/broker"
 )
 
 // Messages the broker writes when it ends a session.
@@ -222,7 +224,7 @@ func (t *frameTracker) Write(p []byte) (int, error) {
 func (x *session) recoverCopy(done chan<- copyResult, in bool) {
 	if p := recover(); p != nil {
 		x.srv.log.Error("panic while relaying a postgres session", zap.String("listener", x.srv.name),
-			zap.String("request_id", x.rec.RequestID), zap.String("panic_type", panicKind(p)), zap.Stack("stack"))
+			zap.String("request_id", x.rec.RequestID), zap.String("panic_type", broker.PanicKind(p)), zap.Stack("stack"))
 		done <- copyResult{in: in, err: errPanic}
 	}
 }

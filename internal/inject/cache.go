@@ -109,10 +109,7 @@ type instant struct {
 
 // deadline is a moment judged in both senses; it has passed as soon as
 // either clock reaches it. The zero deadline never passes.
-type deadline struct {
-	wall time.Time
-	mono time.Duration
-}
+type deadline instant
 
 // at returns the deadline for the wall time w, judged at i: w itself, and
 // i.mono plus the lifetime w-i.wall that i's wall clock gives it.
@@ -706,9 +703,9 @@ func (d deadline) before(by time.Duration) deadline {
 }
 
 // store keeps a private copy of cred, fetched between before and now,
-// until min(now+TTL, Expires-Margin) and returns its entry. Both ends are kept in both senses (deadline): the
-// wall clock stepping back later cannot keep the entry past the lifetime
-// it had when stored. A credential already inside its margin is not
+// until min(now+TTL, Expires-Margin) and returns its entry. Both ends are
+// kept in both senses (deadline): the wall clock stepping back later
+// cannot keep the entry past the lifetime it had when stored. A credential already inside its margin is not
 // stored (but still used by the callers of this flight, since it has not
 // expired), nor is anything once the cache is closed.
 func (c *cache) store(key string, cred broker.Credential, before, now instant, id broker.Identity, g broker.Grant) *entry {

@@ -102,7 +102,7 @@ func (p *Proxy) release(x *exchange) {
 		if v := recover(); v != nil {
 			p.log.Error("panic while releasing a credential",
 				zap.String("request_id", x.rec.RequestID),
-				zap.String("panic_type", typeName(v)),
+				zap.String("panic_type", broker.PanicKind(v)),
 				zap.Stack("stack"))
 		}
 	}()
@@ -129,22 +129,12 @@ func (p *Proxy) recoverPanic(w *statusWriter, x *exchange) {
 	}
 	p.log.Error("panic while handling a request",
 		zap.String("request_id", x.rec.RequestID),
-		zap.String("panic_type", typeName(v)),
+		zap.String("panic_type", broker.PanicKind(v)),
 		zap.Stack("stack"))
 	e := x.fail(broker.NewError(broker.CodeInternal, "internal error", nil))
 	if w != nil && !w.wrote {
 		writeError(w, e, x.rec.RequestID)
 	}
-}
-
-func typeName(v any) string {
-	switch v.(type) {
-	case error:
-		return "error"
-	case string:
-		return "string"
-	}
-	return "other"
 }
 
 // statusWriter records the status and the bytes sent to the workload.

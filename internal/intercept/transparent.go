@@ -103,7 +103,7 @@ func (p *Proxy) serveTransparent(c net.Conn) {
 	defer p.finish(x)
 	defer func() {
 		if v := recover(); v != nil {
-			p.log.Error("panic serving a transparent connection", zap.String("request_id", x.rec.RequestID), zap.String("type", typeName(v)))
+			p.log.Error("panic serving a transparent connection", zap.String("request_id", x.rec.RequestID), zap.String("panic_type", broker.PanicKind(v)), zap.Stack("stack"))
 			x.fail(broker.NewError(broker.CodeInternal, "internal error", nil))
 		}
 	}()
