@@ -27,7 +27,7 @@
 //     chunk lines (bare LF or CR) and trailers. A refused request is never
 //     decided, minted for or forwarded; a refusal ends the connection,
 //     including any request still in flight on it. A refused request shape
-//     (checkInbound) and a CONNECT that is not hijacked also end it.
+//     (checkRequest) and a CONNECT that is not hijacked also end it.
 //   - Upgrade never reaches an upstream, so no connection becomes raw
 //     bytes: an upstream's 101 is answered 502, and Upgrade/Connection on
 //     any other response are removed (no rule enables WebSocket yet).

@@ -270,7 +270,7 @@ func (p *Proxy) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Res
 	// Hop-by-hop fields are the upstream's, not the workload's; an Upgrade
 	// left on a 200 would also make goproxy hijack the workload's
 	// connection as if for a WebSocket.
-	stripResponseHopByHop(resp.Header)
+	stripHopByHop(resp.Header)
 	if len(x.cred.Fields) > 0 {
 		p.scrubResponse(resp, x, x.out)
 	}

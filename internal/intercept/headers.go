@@ -22,11 +22,14 @@ var hopByHop = map[string]bool{
 var internalPrefixes = []string{"x-keygate-", "x-broker-"}
 
 // stripHopByHop removes hop-by-hop headers, the headers Connection names,
-// Proxy-Authorization and internal headers, in every case variant. It runs
-// before injection so a workload cannot use Connection to drop the injected
-// credential, and cannot smuggle its own.
+// Proxy-Authorization and internal headers, in every case variant. On a
+// request it runs before injection, so a workload cannot use Connection to
+// drop the injected credential, and cannot smuggle its own; on a response
+// it keeps the upstream's hop-by-hop fields (an Upgrade would make goproxy
+// hijack the workload's connection) and any X-Keygate-* it forged from the
+// workload. It does not allocate for net/http's canonical names.
 func stripHopByHop(h http.Header) {
-	var named map[string]bool // tokens listed in Connection, lower-case
+	var named []string // tokens listed in Connection
 	for k, vs := range h {
 		if !strings.EqualFold(k, "Connection") {
 			continue
@@ -34,25 +37,19 @@ func stripHopByHop(h http.Header) {
 		for _, v := range vs {
 			for _, tok := range strings.Split(v, ",") {
 				if tok = strings.TrimSpace(tok); tok != "" {
-					if named == nil {
-						named = map[string]bool{}
-					}
-					named[strings.ToLower(tok)] = true
+					named = append(named, tok)
 				}
 			}
 		}
 	}
 	for k := range h {
-		lk := strings.ToLower(k)
-		if hopByHop[lk] || named[lk] || hasInternalPrefix(lk) {
+		if hopByHopCanonical[http.CanonicalHeaderKey(k)] || hasInternalPrefix(k) || foldIn(k, named) {
 			delete(h, k)
 		}
 	}
 }
 
-// hopByHopCanonical is hopByHop in net/http's canonical spelling: a parsed
-// response's field names are canonical (or invalid, and then no hop-by-hop
-// name), so a lookup needs no lower-casing.
+// hopByHopCanonical is hopByHop in net/http's canonical spelling.
 var hopByHopCanonical = func() map[string]bool {
 	m := make(map[string]bool, len(hopByHop))
 	for k := range hopByHop {
@@ -61,87 +58,61 @@ var hopByHopCanonical = func() map[string]bool {
 	return m
 }()
 
-// stripResponseHopByHop removes from a response the hop-by-hop fields and
-// those its Connection names.
-func stripResponseHopByHop(h http.Header) {
-	var named []string
-	for _, v := range h["Connection"] {
-		for _, tok := range strings.Split(v, ",") {
-			if tok = strings.TrimSpace(tok); tok != "" {
-				named = append(named, tok)
-			}
-		}
-	}
-	for k := range h {
-		if hopByHopCanonical[k] {
-			delete(h, k)
-			continue
-		}
-		for _, n := range named {
-			if strings.EqualFold(k, n) {
-				delete(h, k)
-				break
-			}
-		}
-	}
-}
-
-func hasInternalPrefix(lk string) bool {
-	for _, p := range internalPrefixes {
-		if strings.HasPrefix(lk, p) {
+func foldIn(k string, names []string) bool {
+	for _, n := range names {
+		if strings.EqualFold(k, n) {
 			return true
 		}
 	}
 	return false
 }
 
-// checkRequest is checkInbound plus the header-count limit: net/http
-// bounds a head's bytes, not its fields, and every field costs a map entry
-// here and a look in every rule that reads headers.
-func (p *Proxy) checkRequest(r *http.Request) error {
-	n := 1 // Host, which net/http moves out of r.Header
-	for _, vs := range r.Header {
-		n += len(vs)
+// hasInternalPrefix reports whether k starts with an internal prefix, in
+// any case.
+func hasInternalPrefix(k string) bool {
+	for _, p := range internalPrefixes {
+		if len(k) >= len(p) && strings.EqualFold(k[:len(p)], p) {
+			return true
+		}
 	}
-	if n > p.limits.MaxHeaderCount {
-		return broker.NewError(broker.CodeHeaderTooLarge, "too many header fields", nil)
-	}
-	return checkInbound(r)
+	return false
 }
 
-// checkInbound rejects request shapes that a later hop could read
-// differently (SECURITY-TESTS.md §3): header names with whitespace or other
-// non-token bytes, TRACE and Max-Forwards. Shapes net/http normalises away
-// before a handler runs (Transfer-Encoding on HTTP/1.0, an obs-folded
+// checkRequest rejects, before any rule or credential work, request shapes
+// that a later hop could read differently (SECURITY-TESTS.md §3) and heads
+// with more fields than limits.max_header_count (net/http bounds a head's
+// bytes, not its fields, and every field costs a map entry here and a look
+// in every rule that reads headers). Shapes net/http normalises away before
+// a handler runs (Transfer-Encoding on HTTP/1.0, an obs-folded
 // Transfer-Encoding) are refused on the wire by the framing guard.
-func checkInbound(r *http.Request) error {
-	for k := range r.Header {
+func (p *Proxy) checkRequest(r *http.Request) error {
+	n := 1 // Host, which net/http moves out of r.Header
+	for k, vs := range r.Header {
 		if !httpguts.ValidHeaderFieldName(k) {
 			return broker.NewError(broker.CodeBadRequest, "invalid header field name", nil)
 		}
+		n += len(vs)
 	}
-	if r.Method == http.MethodTrace || r.Method == "TRACK" {
+	// Valid names are in net/http's canonical spelling from here on.
+	switch {
+	case n > p.limits.MaxHeaderCount:
+		return broker.NewError(broker.CodeHeaderTooLarge, "too many header fields", nil)
+	case r.Method == http.MethodTrace || r.Method == "TRACK":
 		return broker.NewError(broker.CodeMethodNotAllowed, "TRACE is not forwarded", nil)
-	}
-	// A rule judges the path as sent; an upstream that resolves "." and
-	// ".." would serve another one ("/public/../admin"), so dot-segments,
-	// plain or percent-encoded, are refused rather than left to differ.
-	if hasDotSegment(r.URL.Path) {
+	case r.Header["Max-Forwards"] != nil:
+		// Max-Forwards asks a hop to answer TRACE or OPTIONS itself (RFC
+		// 9110 §7.6.2); keygate answers neither, and forwarding it would
+		// let a workload probe the path behind the broker (T-B3).
+		return broker.NewError(broker.CodeMethodNotAllowed, "Max-Forwards is not supported", nil)
+	case hasDotSegment(r.URL.Path):
+		// A rule judges the path as sent; an upstream that resolves "." and
+		// ".." would serve another one ("/public/../admin").
 		return broker.NewError(broker.CodeBadRequest, "dot-segments in the request path", nil)
-	}
-	// Singleton fields a rule may read: with two values the rule and the
-	// upstream could each pick a different one (T-B9). Host, Content-Length
-	// and Transfer-Encoding duplicates net/http already refuses.
-	if len(r.Header["Content-Type"]) > 1 {
+	case len(r.Header["Content-Type"]) > 1:
+		// A singleton field a rule may read: with two values the rule and
+		// the upstream could each pick a different one (T-B9). Host,
+		// Content-Length and Transfer-Encoding duplicates net/http refuses.
 		return broker.NewError(broker.CodeBadRequest, "more than one Content-Type", nil)
-	}
-	// Max-Forwards asks a hop to answer TRACE or OPTIONS itself (RFC 9110
-	// §7.6.2); keygate answers neither, and forwarding it would let a
-	// workload probe the path behind the broker (T-B3).
-	for k := range r.Header {
-		if strings.EqualFold(k, "Max-Forwards") {
-			return broker.NewError(broker.CodeMethodNotAllowed, "Max-Forwards is not supported", nil)
-		}
 	}
 	return nil
 }
