@@ -124,11 +124,14 @@ type harnessOpts struct {
 	rules   []rules.Spec
 	sources map[string]broker.Source // extra or replacement sources
 	limits  Limits
-	roots   []*httptest.Server // upstream TLS servers to trust
-	allow   []string           // egress allow-list; default 127.0.0.1/32
-	attest  broker.Attestor    // default: cidr 127.0.0.0/8 -> "local-test"
-	deleg   Delegator
-	clock   broker.Clock // default the wall clock
+	// maxTunnels and mintsPerSecond, when set, replace the defaults of
+	// the broker-wide caps (Options.Tunnels, Options.Mints).
+	maxTunnels, mintsPerSecond int
+	roots                      []*httptest.Server // upstream TLS servers to trust
+	allow                      []string           // egress allow-list; default 127.0.0.1/32
+	attest                     broker.Attestor    // default: cidr 127.0.0.0/8 -> "local-test"
+	deleg                      Delegator
+	clock                      broker.Clock // default the wall clock
 	// transparent also serves a transparent listener (h.taddr) whose
 	// original destinations come from h.redirect, not from a NAT table.
 	transparent bool
@@ -212,6 +215,8 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 		Logger:        zap.New(core),
 		Metrics:       h.metrics,
 		Limits:        o.limits,
+		Tunnels:       NewTunnelCap(o.maxTunnels, h.metrics.TunnelsOpen),
+		Mints:         NewMintLimiter(o.mintsPerSecond, 0, o.clock),
 		Delegation:    o.deleg,
 		Clock:         o.clock,
 		Transparent:   o.transparent,

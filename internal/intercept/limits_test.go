@@ -76,8 +76,8 @@ func TestTunnelCap(t *testing.T) {
 			{Name: "opaque", Hosts: []string{"127.0.0.1"}, Ports: []int{opaqueUp.port(t)}, Action: "tunnel"},
 			inject,
 		},
-		roots:  []*httptest.Server{opaqueUp.srv, mitmUp.srv},
-		limits: Limits{MaxTunnels: 2},
+		roots:      []*httptest.Server{opaqueUp.srv, mitmUp.srv},
+		maxTunnels: 2,
 	})
 	opaque := fmt.Sprintf("127.0.0.1:%d", opaqueUp.port(t))
 	intercepted := fmt.Sprintf("127.0.0.1:%d", mitmUp.port(t))
@@ -156,7 +156,7 @@ func TestTunnelCapReleasedOnPanic(t *testing.T) {
 	h := newHarness(t, harnessOpts{
 		rules:      []rules.Spec{bearerRule("inject", "127.0.0.1")},
 		roots:      []*httptest.Server{up.srv},
-		limits:     Limits{MaxTunnels: 1},
+		maxTunnels: 1,
 		wrapLeaves: func(LeafSource) LeafSource { return panickyLeaves{} },
 	})
 	authority := fmt.Sprintf("127.0.0.1:%d", up.port(t))
@@ -183,7 +183,7 @@ func TestTunnelCapTransparent(t *testing.T) {
 	h := newHarness(t, harnessOpts{
 		rules:       []rules.Spec{{Name: "opaque", Hosts: []string{"127.0.0.1"}, Action: "tunnel"}},
 		roots:       []*httptest.Server{up.srv},
-		limits:      Limits{MaxTunnels: 1},
+		maxTunnels:  1,
 		transparent: true,
 	})
 	first := h.redirectDial(orig)
@@ -230,10 +230,10 @@ func TestLeafMintRateLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := newHarness(t, harnessOpts{
-		rules:  []rules.Spec{bearerRule("wild", "*.wild.test")},
-		limits: Limits{LeafMintsPerSecond: 2},
-		clock:  clock,
-		attest: attest.NewChain(nil, attest.Named{Name: "cidr", Attestor: cidr}),
+		rules:          []rules.Spec{bearerRule("wild", "*.wild.test")},
+		mintsPerSecond: 2,
+		clock:          clock,
+		attest:         attest.NewChain(nil, attest.Named{Name: "cidr", Attestor: cidr}),
 	})
 	connectFrom := func(src, name string) (net.Conn, *http.Response) {
 		t.Helper()

@@ -44,13 +44,6 @@ type Limits struct {
 	MaxHeaderCount    int           // header fields per request, Host included; default 200
 	HandshakeTimeout  time.Duration // workload TLS handshake in a tunnel; default 10s
 	UpstreamTimeout   time.Duration // wait for upstream response headers; default 60s
-	// MaxTunnels caps open tunnels of every kind (default 2048); used when
-	// Options.Tunnels is nil.
-	MaxTunnels int
-	// LeafMintsPerSecond and LeafMintBurst limit leaf mints per caller
-	// identity (default 50/s, burst 50); used when Options.Mints is nil.
-	LeafMintsPerSecond int
-	LeafMintBurst      int
 }
 
 func (l Limits) withDefaults() Limits {
@@ -101,7 +94,8 @@ type Options struct {
 	// connections are remembered so a redirect loop is detected.
 	Transparent bool
 	// Tunnels and Mints are shared by every listener of one broker, so the
-	// caps hold for the broker as a whole; nil builds one from Limits.
+	// caps hold for the broker as a whole; nil builds one with the defaults
+	// (DefaultMaxTunnels, DefaultLeafMintsPerSecond).
 	Tunnels *TunnelCap
 	Mints   *MintLimiter
 }
@@ -174,10 +168,10 @@ func New(o Options) (*Proxy, error) {
 		if o.Metrics != nil {
 			g = o.Metrics.TunnelsOpen
 		}
-		p.tunnels = NewTunnelCap(p.limits.MaxTunnels, g)
+		p.tunnels = NewTunnelCap(0, g)
 	}
 	if p.mints == nil {
-		p.mints = NewMintLimiter(p.limits.LeafMintsPerSecond, p.limits.LeafMintBurst, o.Clock)
+		p.mints = NewMintLimiter(0, 0, o.Clock)
 	}
 	if o.Transparent {
 		p.loops = &loopGuard{}
