@@ -1,6 +1,8 @@
 package broker
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"net/http"
 	"time"
@@ -98,4 +100,15 @@ func AsError(err error) *Error {
 		return be
 	}
 	return &Error{Code: CodeInternal, Message: "internal error", Err: err}
+}
+
+// IsCertificateError reports whether err is a failed check of a peer's
+// certificate (untrusted, misnamed, expired or otherwise invalid): a
+// failure no retry can cure, and never the peer being merely unreachable.
+func IsCertificateError(err error) bool {
+	var verify *tls.CertificateVerificationError
+	var unknown x509.UnknownAuthorityError
+	var host x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	return errors.As(err, &verify) || errors.As(err, &unknown) || errors.As(err, &host) || errors.As(err, &invalid)
 }

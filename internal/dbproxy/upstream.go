@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/md5"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -322,14 +321,11 @@ func upstreamFailure(err error) *failure {
 	}
 	var tr *tlsRefused
 	var tf *tlsFailed
-	var ce *tls.CertificateVerificationError
-	var ue x509.UnknownAuthorityError
-	var he x509.HostnameError
 	var dnsErr *net.DNSError
 	switch {
 	case errors.As(err, &tr):
 		return newFailure(sqlConnectionFailure, broker.CodeUpstreamTLS, "keygate: the database does not offer TLS, which this listener requires", err)
-	case errors.As(err, &ce), errors.As(err, &ue), errors.As(err, &he):
+	case broker.IsCertificateError(err):
 		return newFailure(sqlConnectionFailure, broker.CodeUpstreamTLS, "keygate: the database's TLS certificate did not verify", err)
 	case errors.As(err, &tf):
 		return newFailure(sqlConnectionFailure, broker.CodeUpstreamTLS, "keygate: TLS with the database failed", err)

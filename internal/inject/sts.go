@@ -3,8 +3,6 @@ package inject
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -429,11 +427,7 @@ func (w *withParams) Credential(ctx context.Context, id broker.Identity, g broke
 // an untrusted or misnamed STS endpoint does not become trusted a second
 // later, and a retry only doubles the time to the 503.
 func certificateErrorsFinal(err error) aws.Ternary {
-	var verify *tls.CertificateVerificationError
-	var unknown x509.UnknownAuthorityError
-	var host x509.HostnameError
-	var invalid x509.CertificateInvalidError
-	if errors.As(err, &verify) || errors.As(err, &unknown) || errors.As(err, &host) || errors.As(err, &invalid) {
+	if broker.IsCertificateError(err) {
 		return aws.FalseTernary
 	}
 	return aws.UnknownTernary

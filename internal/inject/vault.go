@@ -712,10 +712,6 @@ func isVaultStatus(err error, code int) bool {
 func vaultReason(err error) string {
 	var re *api.ResponseError
 	var le *vaultLoginError
-	var cv *tls.CertificateVerificationError
-	var ue x509.UnknownAuthorityError
-	var he x509.HostnameError
-	var ce x509.CertificateInvalidError
 	var se *json.SyntaxError
 	var te *json.UnmarshalTypeError
 	var ne net.Error
@@ -747,7 +743,7 @@ func vaultReason(err error) string {
 			return fmt.Sprintf("Vault server error (HTTP %d)", re.StatusCode)
 		}
 		return fmt.Sprintf("rejected by Vault (HTTP %d)", re.StatusCode)
-	case errors.As(err, &cv), errors.As(err, &ue), errors.As(err, &he), errors.As(err, &ce):
+	case broker.IsCertificateError(err):
 		return "Vault's TLS certificate did not verify"
 	case errors.Is(err, context.DeadlineExceeded):
 		return "Vault did not answer in time"

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"io"
@@ -91,10 +90,6 @@ func upstreamError(err error) *broker.Error {
 	var be *broker.Error
 	var ne net.Error
 	var dnsErr *net.DNSError
-	var unknownCA x509.UnknownAuthorityError
-	var hostErr x509.HostnameError
-	var invalid x509.CertificateInvalidError
-	var verify *tls.CertificateVerificationError
 	var recordErr tls.RecordHeaderError
 	var alert tls.AlertError
 	switch {
@@ -104,8 +99,7 @@ func upstreamError(err error) *broker.Error {
 		return broker.NewError(broker.CodeLoopDetected, "the broker's own connection was redirected back to it; exempt the broker from the redirect", err)
 	case errors.Is(err, egress.ErrDenied):
 		return broker.NewError(broker.CodeEgressDenied, "the destination address is not allowed", err)
-	case errors.As(err, &unknownCA), errors.As(err, &hostErr), errors.As(err, &invalid),
-		errors.As(err, &verify), errors.As(err, &recordErr), errors.As(err, &alert):
+	case broker.IsCertificateError(err), errors.As(err, &recordErr), errors.As(err, &alert):
 		return broker.NewError(broker.CodeUpstreamTLS, "the upstream TLS certificate could not be verified", err)
 	case errors.As(err, &dnsErr):
 		// SERVFAIL, NXDOMAIN or a resolver timeout: the upstream was never
