@@ -393,21 +393,7 @@ func newOIDCIssuer(t *testing.T) *oidcIssuer {
 
 func (is *oidcIssuer) mint(t *testing.T, claims map[string]any) string {
 	t.Helper()
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.RS256, Key: is.key},
-		(&jose.SignerOptions{}).WithType("JWT").WithHeader("kid", "k1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	payload, _ := json.Marshal(claims)
-	obj, err := signer.Sign(payload)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tok, err := obj.CompactSerialize()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tok
+	return signJWTKid(t, is.key, "k1", claims)
 }
 
 // The broker holds no AWS key at all: it trades its own token (here a

@@ -486,7 +486,17 @@ func TestVaultFaults(t *testing.T) {
 // signJWT signs claims with an RSA key (RS256).
 func signJWT(t testing.TB, key *rsa.PrivateKey, claims map[string]any) string {
 	t.Helper()
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.RS256, Key: key}, (&jose.SignerOptions{}).WithType("JWT"))
+	return signJWTKid(t, key, "", claims)
+}
+
+// signJWTKid is signJWT with a kid header (none when kid is empty).
+func signJWTKid(t testing.TB, key *rsa.PrivateKey, kid string, claims map[string]any) string {
+	t.Helper()
+	opts := (&jose.SignerOptions{}).WithType("JWT")
+	if kid != "" {
+		opts = opts.WithHeader("kid", kid)
+	}
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.RS256, Key: key}, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
