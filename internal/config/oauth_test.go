@@ -47,8 +47,8 @@ func (c *fixedClock) advance(d time.Duration) {
 	c.mu.Unlock()
 }
 
-// startWith is start with a clock.
-func startWith(t *testing.T, path string, clock broker.Clock) *started {
+// startWith is start with a clock (nil: the wall clock).
+func startWith(t testing.TB, path string, clock broker.Clock) *started {
 	t.Helper()
 	c, err := LoadFile(path)
 	if err != nil {

@@ -82,20 +82,7 @@ type started struct {
 // stop is called).
 func start(t testing.TB, path string) *started {
 	t.Helper()
-	c, err := LoadFile(path)
-	if err != nil {
-		t.Fatalf("LoadFile: %v", err)
-	}
-	log, logs := newBufferLogger()
-	rt, err := build(t, c, BuildOptions{Logger: log})
-	if err != nil {
-		t.Fatalf("Build: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	s := &started{rt: rt, cancel: cancel, done: make(chan error, 1), logs: logs}
-	go func() { s.done <- rt.Run(ctx) }()
-	t.Cleanup(func() { s.stop(t) })
-	return s
+	return startWith(t, path, nil)
 }
 
 // stop cancels Run and waits for it to return.
